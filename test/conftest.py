@@ -1,0 +1,43 @@
+"""Test isolation for DDS: this pytest process gets its own ROS_DOMAIN_ID and discovery
+stays on localhost, so parallel or concurrent test runs cannot hear each other.
+Tests that need rclpy take the ``ros_context`` fixture: a fresh rclpy Context on a domain
+of its own, shut down afterwards."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
+os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+
+_BASE_DOMAIN = int(os.environ["ROS_DOMAIN_ID"])
+_next_domain = itertools.count()
+
+
+def fresh_domain_id() -> int:
+    """A domain id not used before by this process (valid ids on localhost: 0..232)."""
+    return 101 + (_BASE_DOMAIN * 7 + next(_next_domain)) % 130
+
+
+@pytest.fixture
+def ros_domain(monkeypatch) -> int:
+    """A domain id of this test's own, exported so subprocesses join it too."""
+    domain = fresh_domain_id()
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
+    return domain
+
+
+@pytest.fixture
+def ros_context(ros_domain):
+    rclpy = pytest.importorskip("rclpy")
+    ctx = rclpy.context.Context()
+    rclpy.init(context=ctx, domain_id=ros_domain)
+    try:
+        yield ctx
+    finally:
+        if ctx.ok():
+            rclpy.shutdown(context=ctx)
