@@ -37,11 +37,13 @@ class EncoderConfig:
     shared: bool = False
     crop_shape: Optional[list[int]] = field(default_factory=lambda: [84, 84])
     random_crop: bool = True  # training only; inference always center-crops
-    # "none": pixels scaled to [0, 1]; "imagenet": then mean/std with ImageNet statistics
-    image_norm: str = "none"
-    # LeRobot's keypoint projection uses Linear(C, K) where robomimic uses Conv1x1; same maths
-    spatial_softmax_temperature: float = 1.0
-    learnable_temperature: bool = False
+    # pixels scaled to [0, 1], then: "symmetric" -> [-1, 1] (the reference code),
+    # "unit" -> left in [0, 1], "imagenet" -> mean/std with ImageNet statistics (LeRobot)
+    image_norm: str = "symmetric"
+    # LeRobot applies ReLU after the keypoint Linear; robomimic (the reference) does not
+    feature_activation: str = "none"  # or "relu"
+    # order of the per-step conditioning vector: reference = images then state; LeRobot = state first
+    state_first: bool = False
 
 
 @dataclass
@@ -110,6 +112,9 @@ class PolicyConfig:
     T_a: int = 8  # executed action steps between plans
     dt: float = 0.1  # period of the observation/action grid, seconds
     denoiser: str = "unet"  # or "transformer"
+    # "diffusion": the denoiser samples action sequences; "regression": an MSE head on the
+    # same encoder (the explicit-policy baseline of the paper, averages modes)
+    head: str = "diffusion"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     unet: UnetConfig = field(default_factory=UnetConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
@@ -163,6 +168,8 @@ class PolicyConfig:
         need(len(set(self.state_names)) == self.state_dim, "state_names has duplicates")
         need(len(set(self.camera_names)) == len(self.cameras), "camera names have duplicates")
         need(bool(self.cameras) or self.state_dim > 0, "a policy needs at least one camera or state")
+        need(self.head in ("diffusion", "regression"),
+             f"head must be 'diffusion' or 'regression', got {self.head!r}")
         need(self.denoiser in ("unet", "transformer"),
              f"denoiser must be 'unet' or 'transformer', got {self.denoiser!r}")
         for cam in self.cameras:
@@ -175,8 +182,10 @@ class PolicyConfig:
         enc = self.encoder
         need(enc.backbone == "resnet18", f"encoder.backbone {enc.backbone!r} is not supported (resnet18)")
         need(enc.norm in ("group", "batch"), f"encoder.norm must be 'group' or 'batch', got {enc.norm!r}")
-        need(enc.image_norm in ("none", "imagenet"),
-             f"encoder.image_norm must be 'none' or 'imagenet', got {enc.image_norm!r}")
+        need(enc.image_norm in ("symmetric", "unit", "imagenet"),
+             f"encoder.image_norm must be 'symmetric', 'unit' or 'imagenet', got {enc.image_norm!r}")
+        need(enc.feature_activation in ("none", "relu"),
+             f"encoder.feature_activation must be 'none' or 'relu', got {enc.feature_activation!r}")
         need(enc.num_keypoints > 0 and enc.feature_dim > 0, "encoder sizes must be positive")
         need(enc.crop_shape is None or len(enc.crop_shape) == 2, "encoder.crop_shape must be [h, w]")
         u = self.unet
@@ -184,6 +193,11 @@ class PolicyConfig:
         need(all(d % u.n_groups == 0 for d in u.down_dims),
              f"unet.down_dims {u.down_dims} must be divisible by unet.n_groups {u.n_groups}")
         need(u.kernel_size % 2 == 1, f"unet.kernel_size must be odd, got {u.kernel_size}")
+        if self.denoiser == "unet":
+            factor = 2 ** (len(u.down_dims) - 1)
+            need(self.T_p % factor == 0,
+                 f"T_p ({self.T_p}) must be divisible by {factor} for a U-Net with "
+                 f"{len(u.down_dims)} levels")
         t = self.transformer
         need(t.n_emb % t.n_head == 0, f"transformer.n_emb {t.n_emb} must be divisible by n_head {t.n_head}")
         s = self.schedule

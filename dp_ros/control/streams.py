@@ -1,0 +1,97 @@
+"""Per-stream ring buffers of stamped samples, the raw material of tick-grid alignment.
+
+Times are seconds (float) taken from the data's own stamps, never from a wall clock, so
+the same buffers serve the live node, bag replay and dataset building.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Generic, Optional, TypeVar
+
+T = TypeVar("T")
+
+
+class SampleRejected(ValueError):
+    """A sample (message) that cannot be used. ``cause`` is a short stable key used to
+    count rejections per cause in diagnostics; the message says what was wrong."""
+
+    def __init__(self, cause: str, message: str):
+        super().__init__(message)
+        self.cause = cause
+
+
+class StampOrderError(SampleRejected):
+    """A sample stamped before the newest sample already in its stream."""
+
+    def __init__(self, message: str):
+        super().__init__("stamp_backwards", message)
+
+
+@dataclass(frozen=True)
+class Sample(Generic[T]):
+    stamp: float  # seconds
+    value: T
+
+
+class StreamBuffer(Generic[T]):
+    """Samples of one stream in stamp order.
+
+    ``staleness``: a sample older than this (seconds) relative to a tick does not count.
+    ``horizon``: samples more than this before the newest are dropped; it must cover the
+    oldest tick that may still be evaluated (a late timer re-evaluates missed ticks).
+    ``capacity``: hard bound on stored samples whatever the rate.
+    """
+
+    def __init__(self, name: str, staleness: float, horizon: float = 2.0, capacity: int = 2048):
+        if not staleness > 0.0:
+            raise ValueError(f"stream {name!r}: staleness must be > 0, got {staleness}")
+        if not horizon >= staleness:
+            raise ValueError(f"stream {name!r}: horizon {horizon} shorter than staleness")
+        self.name = name
+        self.staleness = float(staleness)
+        self.horizon = float(horizon)
+        self._samples: deque[Sample[T]] = deque(maxlen=max(1, int(capacity)))
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    @property
+    def newest_stamp(self) -> Optional[float]:
+        return self._samples[-1].stamp if self._samples else None
+
+    def check_order(self, stamp: float) -> None:
+        """Raise StampOrderError if ``stamp`` would go backwards in this stream. Callers
+        use it before expensive work (image preprocessing) on a sample to be rejected."""
+        newest = self.newest_stamp
+        if newest is not None and stamp < newest:
+            raise StampOrderError(
+                f"stream {self.name!r}: stamp {stamp:.6f} s is {newest - stamp:.6f} s before "
+                f"the newest sample ({newest:.6f} s)")
+
+    def push(self, stamp: float, value: T) -> None:
+        """Append a sample. A stamp equal to the newest replaces it (a re-sent sample);
+        an earlier one raises StampOrderError and leaves the buffer unchanged."""
+        stamp = float(stamp)
+        self.check_order(stamp)
+        if self._samples and self._samples[-1].stamp == stamp:
+            self._samples.pop()
+        self._samples.append(Sample(stamp, value))
+        limit = stamp - self.horizon
+        while len(self._samples) > 1 and self._samples[0].stamp < limit:
+            self._samples.popleft()
+
+    def latest_at_or_before(self, t: float) -> Optional[Sample[T]]:
+        """The newest sample stamped at or before ``t`` (ignoring staleness), or None."""
+        for sample in reversed(self._samples):  # the wanted sample is usually near the end
+            if sample.stamp <= t:
+                return sample
+        return None
+
+    def is_fresh(self, sample: Sample[Any], t: float) -> bool:
+        return t - sample.stamp <= self.staleness
+
+    def clear(self) -> None:
+        """Forget everything (the clock jumped backwards: old stamps mean nothing now)."""
+        self._samples.clear()

@@ -1,0 +1,157 @@
+"""Inference API: ``policy = load_policy(path); policy.predict(obs, noise=None)``.
+
+The encoder runs once per call and its features are reused by every denoising step. A small
+per-frame feature cache means a frame shared by consecutive windows (T_o - 1 of every T_o
+frames when planning each tick) is encoded once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import load_config, load_weights
+from .config import PolicyConfig
+from .model import DiffusionPolicyModel, build_model
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"unknown device {device!r} (expected auto, cpu or cuda[:N])")
+    return torch.device(device)
+
+
+class FrameFeatureCache:
+    """Least-recently-used map (camera, frame key) -> encoded features."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> Optional[torch.Tensor]:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+        else:
+            self.misses += 1
+        return value
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def frame_key(frame: np.ndarray, stamp: Optional[float]) -> tuple:
+    """A frame's identity: its stamp when the caller has one, else a digest of its pixels."""
+    if stamp is not None:
+        return ("stamp", float(stamp))
+    return ("pixels", hashlib.blake2b(np.ascontiguousarray(frame).data, digest_size=16).digest())
+
+
+class Policy:
+    """A loaded policy in eval mode on one device."""
+
+    def __init__(self, cfg: PolicyConfig, model: DiffusionPolicyModel, device: torch.device,
+                 source: str = "", seed: Optional[int] = None):
+        self.config = cfg
+        self.model = model.to(device).eval()
+        self.device = device
+        self.source = source
+        self.sampler = model.noise_schedule.sampler().to(device, torch.float32)
+        self.cache = FrameFeatureCache(capacity=4 * max(cfg.T_o, 1) * max(len(cfg.cameras), 1))
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed if seed is not None else torch.seed() % (2**63))
+
+    @property
+    def policy_id(self) -> str:
+        return self.config.policy_id or os.path.basename(os.path.normpath(self.source)) or "policy"
+
+    def check_observation(self, obs: dict) -> None:
+        """Raise ValueError naming the first part of `obs` with the wrong shape or type."""
+        cfg = self.config
+        state = np.asarray(obs.get("state", np.zeros((cfg.T_o, 0), np.float32)))
+        if state.shape != (cfg.T_o, cfg.state_dim):
+            raise ValueError(f"obs['state'] has shape {state.shape}, expected {(cfg.T_o, cfg.state_dim)}")
+        if not np.all(np.isfinite(state)):
+            raise ValueError("obs['state'] has NaN or Inf values")
+        images = obs.get("images", {})
+        for cam in cfg.cameras:
+            if cam.name not in images:
+                raise ValueError(f"obs['images'] has no camera {cam.name!r}")
+            frames = images[cam.name]
+            want = (cfg.T_o, cam.height, cam.width, 3)
+            if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.shape != want:
+                got = (getattr(frames, "dtype", type(frames).__name__), getattr(frames, "shape", None))
+                raise ValueError(f"obs['images'][{cam.name!r}] must be uint8 {want}, got {got}")
+
+    def _frame_features(self, obs: dict) -> Optional[torch.Tensor]:
+        """(T_o, cameras * feature_dim) features, encoding only frames not seen before."""
+        cfg = self.config
+        if not cfg.cameras:
+            return None
+        stamps = obs.get("stamps")
+        per_camera = []
+        for name in cfg.camera_names:
+            frames = obs["images"][name]
+            keys = [(name,) + frame_key(frames[i], None if stamps is None else stamps[i])
+                    for i in range(cfg.T_o)]
+            feats = [self.cache.get(k) for k in keys]
+            todo = [i for i, f in enumerate(feats) if f is None]
+            if todo:
+                batch = torch.from_numpy(np.ascontiguousarray(frames[todo])).to(self.device)
+                new = self.model.obs_encoder.encode_camera(name, batch)
+                for j, i in enumerate(todo):
+                    feats[i] = new[j]
+                    self.cache.put(keys[i], new[j])
+            per_camera.append(torch.stack(feats))
+        return torch.cat(per_camera, dim=-1)
+
+    @torch.inference_mode()
+    def predict(self, obs: dict, noise: Optional[np.ndarray] = None) -> np.ndarray:
+        """One plan: the full (T_p, action_dim) horizon in action units (float32).
+
+        `noise` is the initial sample x_K of shape (T_p, action_dim); with it (and a DDIM
+        sampler, eta 0) the result is deterministic.
+        """
+        cfg = self.config
+        self.check_observation(obs)
+        state = torch.as_tensor(np.asarray(obs.get("state"), np.float32).reshape(cfg.T_o, cfg.state_dim),
+                                device=self.device)
+        feats = self._frame_features(obs)
+        cond = self.model.condition(None if feats is None else feats[None], state[None])
+        shape = (1, cfg.T_p, cfg.action_dim)
+        if noise is None:
+            x = torch.randn(shape, generator=self.generator, device=self.device)
+        else:
+            noise = np.asarray(noise, np.float32)
+            if noise.shape != shape[1:]:
+                raise ValueError(f"noise has shape {noise.shape}, expected {shape[1:]}")
+            x = torch.from_numpy(noise)[None].to(self.device)
+        actions = self.model.sample(cond, x, sampler=self.sampler, generator=self.generator)
+        return actions[0].float().cpu().numpy()
+
+
+def load_policy(path: str | os.PathLike, device: str = "auto", seed: Optional[int] = None) -> Policy:
+    """Load a checkpoint directory (config.json + model.safetensors). Raises CheckpointError."""
+    cfg = load_config(path)
+    model = build_model(cfg)
+    load_weights(path, model)
+    return Policy(cfg, model, resolve_device(device), source=str(path), seed=seed)

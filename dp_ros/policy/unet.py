@@ -1,0 +1,126 @@
+"""ConditionalUnet1D: the temporal U-Net denoiser of Diffusion Policy.
+
+1-D convolutions over the action sequence, GroupNorm + Mish, and FiLM conditioning (a scale
+and a bias per channel) from the diffusion step embedding concatenated with the observation
+features. Module names follow the reference code so its checkpoints map without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import UnetConfig
+from .embeddings import SinusoidalStepEmbedding, broadcast_steps
+
+
+class Conv1dBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, n_groups: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv1d(in_ch, out_ch, kernel_size, padding=kernel_size // 2),
+            nn.GroupNorm(n_groups, out_ch),
+            nn.Mish(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class _Unsqueeze(nn.Module):
+    """(B, C) -> (B, C, 1); a module so that parameter indices match the reference."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(-1)
+
+
+class ConditionalResidualBlock1D(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, kernel_size: int, n_groups: int,
+                 cond_predict_scale: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            Conv1dBlock(in_ch, out_ch, kernel_size, n_groups),
+            Conv1dBlock(out_ch, out_ch, kernel_size, n_groups),
+        ])
+        self.out_channels = out_ch
+        self.cond_predict_scale = cond_predict_scale
+        film_ch = out_ch * 2 if cond_predict_scale else out_ch
+        self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, film_ch), _Unsqueeze())
+        self.residual_conv = nn.Conv1d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        out = self.blocks[0](x)
+        film = self.cond_encoder(cond)
+        if self.cond_predict_scale:
+            scale, bias = film[:, :self.out_channels], film[:, self.out_channels:]
+            out = scale * out + bias
+        else:
+            out = out + film
+        return self.blocks[1](out) + self.residual_conv(x)
+
+
+class Downsample1d(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample1d(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose1d(dim, dim, 4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class ConditionalUnet1D(nn.Module):
+    """(B, T_p, action_dim) noisy actions + step + (B, global_cond_dim) -> (B, T_p, action_dim)."""
+
+    def __init__(self, action_dim: int, global_cond_dim: int, cfg: UnetConfig):
+        super().__init__()
+        dsed = cfg.step_embed_dim
+        self.diffusion_step_encoder = nn.Sequential(
+            SinusoidalStepEmbedding(dsed), nn.Linear(dsed, dsed * 4), nn.Mish(), nn.Linear(dsed * 4, dsed))
+        cond_dim = dsed + global_cond_dim
+        dims = [action_dim] + list(cfg.down_dims)
+        in_out = list(zip(dims[:-1], dims[1:]))
+
+        def block(i: int, o: int) -> ConditionalResidualBlock1D:
+            return ConditionalResidualBlock1D(i, o, cond_dim, cfg.kernel_size, cfg.n_groups,
+                                              cfg.cond_predict_scale)
+
+        mid = cfg.down_dims[-1]
+        self.mid_modules = nn.ModuleList([block(mid, mid), block(mid, mid)])
+        self.down_modules = nn.ModuleList()
+        for i, (d_in, d_out) in enumerate(in_out):
+            last = i == len(in_out) - 1
+            self.down_modules.append(nn.ModuleList([
+                block(d_in, d_out), block(d_out, d_out), nn.Identity() if last else Downsample1d(d_out)]))
+        self.up_modules = nn.ModuleList()
+        for d_in, d_out in reversed(in_out[1:]):
+            self.up_modules.append(nn.ModuleList([
+                block(d_out * 2, d_in), block(d_in, d_in), Upsample1d(d_in)]))
+        start = cfg.down_dims[0]
+        self.final_conv = nn.Sequential(
+            Conv1dBlock(start, start, cfg.kernel_size, cfg.n_groups), nn.Conv1d(start, action_dim, 1))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int,
+                global_cond: torch.Tensor) -> torch.Tensor:
+        x = sample.transpose(1, 2)  # (B, C, T)
+        steps = broadcast_steps(timestep, x.shape[0], x.device)
+        cond = torch.cat([self.diffusion_step_encoder(steps), global_cond], dim=-1)
+        skips = []
+        for res1, res2, down in self.down_modules:
+            x = res2(res1(x, cond), cond)
+            skips.append(x)
+            x = down(x)
+        for res in self.mid_modules:
+            x = res(x, cond)
+        for res1, res2, up in self.up_modules:
+            x = torch.cat([x, skips.pop()], dim=1)
+            x = up(res2(res1(x, cond), cond))
+        return self.final_conv(x).transpose(1, 2)
