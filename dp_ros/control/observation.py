@@ -157,7 +157,7 @@ class Invalid:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.stream}: {self.reason}"
+        return f"{self.stream}: {self.cause}: {self.reason}"
 
 
 def build_observation(streams: Mapping[str, StreamBuffer], tick_time: float,
@@ -174,8 +174,7 @@ def build_observation(streams: Mapping[str, StreamBuffer], tick_time: float,
         if not buffer.is_fresh(sample, tick_time):
             age = tick_time - sample.stamp
             return Invalid(tick_time, name, "stale",
-                           f"stale: newest sample is {age:.3f} s old "
-                           f"(limit {buffer.staleness:.3f} s)")
+                           f"newest sample is {age:.3f} s old (limit {buffer.staleness:.3f} s)")
         chosen[name] = sample
     return Observation(
         tick=tick_time,

@@ -90,7 +90,9 @@ class StreamBuffer(Generic[T]):
         return None
 
     def is_fresh(self, sample: Sample[Any], t: float) -> bool:
-        return t - sample.stamp <= self.staleness
+        # 1 ns slack: stamps of ~1e9 s carry float error, and a sample exactly at the
+        # limit must not flip between fresh and stale
+        return t - sample.stamp <= self.staleness + 1e-9
 
     def clear(self) -> None:
         """Forget everything (the clock jumped backwards: old stamps mean nothing now)."""

@@ -1,0 +1,98 @@
+"""`dp-ros` command line: demo, train, dataset, bench, and (with the nodes) up.
+
+Each subcommand is a thin wrapper over a library function, so everything a command does can
+also be done from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(fresh=args.fresh, minutes=args.minutes, episodes=args.episodes)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .paths import config_file
+    from .policy.train import load_train_config, train
+    policy_cfg, train_cfg = load_train_config(config_file(args.config))
+    if args.steps is not None:
+        train_cfg.num_steps = args.steps
+    if args.minutes is not None:
+        train_cfg.max_minutes = args.minutes
+    if args.device is not None:
+        train_cfg.device = args.device
+    final = train(args.data, (policy_cfg, train_cfg), args.out, resume=not args.no_resume)
+    print(f"checkpoint: {final}")
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from .data.synthetic import make_synthetic_store
+    if args.synthetic is None:
+        print("dp-ros dataset: give --synthetic N (bags come with the demo robot)", file=sys.stderr)
+        return 2
+    store = make_synthetic_store(args.out, episodes=args.synthetic, seed=args.seed)
+    print(f"{args.out}: {store.n_episodes} episodes, {store.n_steps} steps")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "policy":
+        from .bench.policy import run
+        which = ("cnn", "transformer") if args.config == "both" else (args.config,)
+        run(iterations=args.iterations, device=args.device, which=which)
+        return 0
+    print(f"dp-ros bench: unknown benchmark {args.what!r}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dp-ros", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="generate data, train a small policy on the CPU, sample a plan")
+    p.add_argument("--fresh", action="store_true", help="rebuild cached dataset and policy")
+    p.add_argument("--minutes", type=float, default=1.0, help="training time budget")
+    p.add_argument("--episodes", type=int, default=40, help="demonstrations to generate")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a policy on an episode store")
+    p.add_argument("--data", required=True, help="episode store (zarr)")
+    p.add_argument("--config", required=True, help="training YAML (policy: + train:)")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, resume state)")
+    p.add_argument("--steps", type=int, help="override train.num_steps")
+    p.add_argument("--minutes", type=float, help="override train.max_minutes")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--no-resume", action="store_true", help="start over even if resume state exists")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("dataset", help="build an episode store")
+    p.add_argument("--synthetic", type=int, metavar="N", help="generate N point-mass episodes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_dataset)
+
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    p.add_argument("what", choices=["policy"])
+    p.add_argument("--config", choices=["cnn", "transformer", "both"], default="both")
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
