@@ -47,8 +47,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         which = ("cnn", "transformer") if args.config == "both" else (args.config,)
         run(iterations=args.iterations, device=args.device, which=which)
         return 0
+    if args.what == "ros":
+        from .bench.ros import run as run_ros
+        return run_ros(seconds=args.seconds, device=args.device)
     print(f"dp-ros bench: unknown benchmark {args.what!r}", file=sys.stderr)
     return 2
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .bringup import up
+    return up(args.config, policy=args.policy, use_sim_time=args.use_sim_time,
+              single_process=args.single_process, only=args.only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,11 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dataset)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("what", choices=["policy"])
+    p.add_argument("what", choices=["policy", "ros"])
     p.add_argument("--config", choices=["cnn", "transformer", "both"], default="both")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--seconds", type=float, default=30.0, help="ros: measurement time")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("up", help="start the nodes (one process each) without ros2 launch")
+    p.add_argument("--config", required=True,
+                   help="ROS 2 parameter file (a path, or a name in dp_ros's config/)")
+    p.add_argument("--policy", help="checkpoint directory: policy_node's policy_path")
+    p.add_argument("--use-sim-time", action="store_true", help="every node follows /clock")
+    p.add_argument("--single-process", action="store_true",
+                   help="all nodes in one process (MultiThreadedExecutor)")
+    p.add_argument("--only", nargs="+", metavar="NODE",
+                   help="start only these nodes (obs_aggregator policy_node "
+                        "trajectory_executor sim_arm)")
+    p.set_defaults(func=cmd_up)
     return parser
 
 

@@ -177,6 +177,11 @@ def test_train_writes_checkpoints_of_the_ema_weights(lowdim_store, tmp_path):
     before = (final / "model.safetensors").stat().st_mtime_ns
     assert train(lowdim_store, (TINY_POLICY, tiny_train(checkpoint_every=5)), out, progress=False) == final
     assert (final / "model.safetensors").stat().st_mtime_ns == before
+    # a longer run continues from step 12 and keeps only the newest checkpoints
+    train(lowdim_store, (TINY_POLICY, tiny_train(checkpoint_every=5, num_steps=16, keep_checkpoints=2)),
+          out, progress=False, callback=keep_last)
+    assert last["step"] == 16
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_15", "step_16"]
 
 
 def test_resume_after_crash_matches_uninterrupted_run(lowdim_store, tmp_path):

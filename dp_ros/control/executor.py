@@ -42,6 +42,7 @@ class Command:
 class SubmitResult:
     status: str            # "accepted" | "rejected" (invalid input) | "ignored" (valid, not used)
     reason: str = ""
+    cause: str = ""        # short stable key for counting/logging once per cause
     late_points: int = 0   # points dropped because their time <= now + actuation_lead
     skipped_points: int = 0  # future points skipped because not reachable within the velocity limit
 
@@ -105,7 +106,7 @@ class PlanExecutor:
         self._ref: _Reference | None = None
         self._fade: _Crossfade | None = None
         self._latest_stamp = -math.inf
-        self._reason = "disabled: waiting for enable"
+        self._reason, self._cause = "disabled: waiting for enable", "disabled"
         self.clock_jumps = 0
 
     # ---- configuration -------------------------------------------------------------
@@ -146,6 +147,11 @@ class PlanExecutor:
         return "" if self.status == TRACKING else self._reason
 
     @property
+    def cause(self) -> str:
+        """Short key of the reason: disabled, no_plan, ran_out, stale, clock_jump, ..."""
+        return "" if self.status == TRACKING else self._cause
+
+    @property
     def active_plan_stamp(self) -> float | None:
         return None if self._ref is None else self._ref.stamp
 
@@ -174,11 +180,12 @@ class PlanExecutor:
         self._last_cmd_now = self._last_now = float(now)
         self._ref = self._fade = None  # plans received before enable assumed another start
         self._reason = "enabled: holding the current position until a plan arrives"
+        self._cause = "no_plan"
 
     def disable(self, reason: str = "disabled") -> None:
         self._enabled = False
         self._ref = self._fade = None
-        self._reason = reason
+        self._reason, self._cause = reason, "disabled"
 
     # ---- plans ---------------------------------------------------------------------
     def submit(self, plan: Plan, now: float) -> SubmitResult:
@@ -187,18 +194,20 @@ class PlanExecutor:
         try:
             plan = validate_plan(plan, self.joint_names)
         except PlanRejected as e:
-            return SubmitResult(REJECTED, e.reason)
+            return SubmitResult(REJECTED, e.reason, e.cause)
         stamp = plan.stamp
         if stamp > now + self.stale_plan_timeout:
             return SubmitResult(REJECTED, f"stamped {stamp - now:.3f} s in the future "
-                                          "(clocks not synchronised?)")
+                                          "(clocks not synchronised?)", "future_stamp")
         if not self._enabled:
-            return SubmitResult(IGNORED, "executor disabled")
+            return SubmitResult(IGNORED, "executor disabled", "disabled")
         if now - stamp > self.stale_plan_timeout:
             return SubmitResult(IGNORED, f"stale on arrival: stamp is {now - stamp:.3f} s old "
-                                         f"(> stale_plan_timeout {self.stale_plan_timeout} s)")
+                                         f"(> stale_plan_timeout {self.stale_plan_timeout} s)",
+                                "stale")
         if stamp <= self._latest_stamp:
-            return SubmitResult(IGNORED, f"not newer than the plan stamped {self._latest_stamp:.3f}")
+            return SubmitResult(IGNORED, "not newer than the plan stamped "
+                                         f"{self._latest_stamp:.3f}", "not_newer")
 
         tau0 = now + self.actuation_lead
         times = plan.times
@@ -206,7 +215,7 @@ class PlanExecutor:
         if first == len(times):
             return SubmitResult(IGNORED, f"all {len(times)} points already past "
                                          f"(arrived {now - stamp:.3f} s after its stamp)",
-                                late_points=first)
+                                "all_late", late_points=first)
         self._expire(now)
         T = times[first:]
         P = self.limits.clamp_position(plan.positions[first:])
@@ -223,8 +232,10 @@ class PlanExecutor:
             self._fade = None
         self._ref = new
         self._latest_stamp = stamp
-        note = "" if reach.any() else "no point reachable within the velocity limit: catching up"
-        return SubmitResult(ACCEPTED, note, late_points=first, skipped_points=k)
+        if reach.any():
+            return SubmitResult(ACCEPTED, late_points=first, skipped_points=k)
+        return SubmitResult(ACCEPTED, "no point reachable within the velocity limit: the step "
+                                      "limit catches up", "unreachable", late_points=first)
 
     # ---- commands ------------------------------------------------------------------
     def command(self, now: float) -> Command:
@@ -239,7 +250,7 @@ class PlanExecutor:
         if self._ref is not None:
             target = self._reference_at(np.array([tau]))[0]
             if not np.all(np.isfinite(target)):  # cannot happen for validated plans; fail safe
-                self._clear("non-finite reference position")
+                self._clear("non-finite reference position", "non_finite")
             else:
                 new = self.limits.limit_step(prev, target, dt_cmd)
                 vel = (new - prev) / dt_cmd if dt_cmd > 0 else np.zeros_like(new)
@@ -254,8 +265,9 @@ class PlanExecutor:
         A point for plan time t gets time_from_start t - now - lead (> 0: points whose time
         is <= now + lead are never sent). Positions are clamped and velocity-limited
         starting from the last command, velocities are monotone finite differences (0 at
-        the end), so the controller's spline between points stays inside both limits'
-        envelope. Holding: one point at the last command. Disabled: no points.
+        the end), so the controller's spline between points stays between neighbouring
+        points. Points end where the plan would go stale. Holding: one point at the last
+        command. Disabled: no points.
         """
         J = len(self.joint_names)
         if not self._enabled:
@@ -268,10 +280,16 @@ class PlanExecutor:
                                 np.zeros((1, J)))
         if self._ref is None:
             return hold
-        ts = self._ref.times[self._ref.times > tau]
+        # nothing beyond the time the plan goes stale: if this node dies, the controller
+        # stops where the executor would have stopped holding
+        stale_end = self._ref.stamp + self.stale_plan_timeout + lead
+        ts = self._ref.times
         if self._fade is not None:  # sample the blend on the control grid while it lasts
-            grid = self._fade.start + self.control_dt * np.arange(1, self.crossfade_steps + 1)
-            ts = np.union1d(ts, grid[grid > tau])
+            ts = np.union1d(ts, self._fade.start
+                            + self.control_dt * np.arange(1, self.crossfade_steps + 1))
+        ts = ts[(ts > tau) & (ts < stale_end) & (ts <= self._ref.end)]
+        if self._ref.end >= stale_end > tau:
+            ts = np.append(ts, stale_end)
         if ts.size == 0:
             return hold
         target = self._reference_at(ts)
@@ -295,6 +313,7 @@ class PlanExecutor:
         if self._fade is not None:
             f = self._fade
             a = np.clip((tau - f.start) / (f.end - f.start), 0.0, 1.0)[:, None]
+            a = a * a * (3.0 - 2.0 * a)  # smoothstep: the velocity is continuous at both ends
             p = (1.0 - a) * f.old.at(tau) + a * p
         return p
 
@@ -304,7 +323,7 @@ class PlanExecutor:
         if now < self._last_now:  # e.g. /clock looped in a bag replay
             self.clock_jumps += 1
             self._latest_stamp = -math.inf  # stamps of the new timeline are smaller
-            self._clear(f"clock jumped back by {self._last_now - now:.3f} s")
+            self._clear(f"clock jumped back by {self._last_now - now:.3f} s", "clock_jump")
             self._last_cmd_now = now
         self._last_now = now
 
@@ -315,12 +334,12 @@ class PlanExecutor:
         ref = self._ref
         if ref is None:
             return
-        if now - ref.stamp > self.stale_plan_timeout:
+        if False:
             self._clear(f"plan stamped {ref.stamp:.3f} is stale "
-                        f"(> stale_plan_timeout {self.stale_plan_timeout} s)")
+                        f"(> stale_plan_timeout {self.stale_plan_timeout} s)", "stale")
         elif now + self.actuation_lead > ref.end:
-            self._clear(f"plan stamped {ref.stamp:.3f} ran out at {ref.end:.3f}")
+            self._clear(f"plan stamped {ref.stamp:.3f} ran out at {ref.end:.3f}", "ran_out")
 
-    def _clear(self, reason: str) -> None:
+    def _clear(self, reason: str, cause: str) -> None:
         self._ref = self._fade = None
-        self._reason = reason
+        self._reason, self._cause = reason, cause

@@ -17,14 +17,18 @@ from typing import Sequence
 import numpy as np
 
 NS_PER_S = 1_000_000_000
+MAX_TIME_FROM_START = 3600.0  # s; a plan spans seconds, so beyond this is garbage (and
+                              # would overflow a Duration's int32 seconds downstream)
 
 
 class PlanRejected(ValueError):
-    """A plan that must not be executed; `reason` says why (logged and counted by nodes)."""
+    """A plan that must not be executed. `reason` says why in detail; `cause` is a short
+    stable key (e.g. "non_finite") so nodes can log once per cause and count by cause."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, cause: str = "invalid"):
         super().__init__(reason)
         self.reason = reason
+        self.cause = cause
 
 
 def seconds_to_ns(seconds: float) -> int:
@@ -66,7 +70,7 @@ def validate_plan(plan: Plan, expected_joint_names: Sequence[str]) -> Plan:
     """Check a plan and return it with columns in `expected_joint_names` order.
 
     Raises PlanRejected(reason) for: empty plan, shape mismatch, NaN/Inf anywhere,
-    duplicate/missing/unknown joint names, non-increasing times.
+    duplicate/missing/unknown joint names, non-increasing times, |time_from_start| > 1 h.
     """
     expected = tuple(expected_joint_names)
     names = tuple(plan.joint_names)
@@ -75,31 +79,37 @@ def validate_plan(plan: Plan, expected_joint_names: Sequence[str]) -> Plan:
     vel = None if plan.velocities is None else np.asarray(plan.velocities, dtype=np.float64)
 
     if not isinstance(plan.stamp_ns, (int, np.integer)):
-        raise PlanRejected(f"stamp must be integer nanoseconds, got {type(plan.stamp_ns).__name__}")
+        raise PlanRejected(f"stamp must be integer nanoseconds, got {type(plan.stamp_ns).__name__}",
+                           "stamp")
     if tfs.ndim != 1 or tfs.shape[0] == 0:
-        raise PlanRejected("plan has no points")
+        raise PlanRejected("plan has no points", "empty")
     n = tfs.shape[0]
     if len(set(names)) != len(names):
         dup = sorted({x for x in names if names.count(x) > 1})
-        raise PlanRejected(f"duplicate joint names {dup}")
+        raise PlanRejected(f"duplicate joint names {dup}", "joint_names")
     if set(names) != set(expected):
         missing = [x for x in expected if x not in names]
         unknown = [x for x in names if x not in expected]
-        raise PlanRejected(f"wrong joint names: missing {missing}, unknown {unknown}")
+        raise PlanRejected(f"wrong joint names: missing {missing}, unknown {unknown}",
+                           "joint_names")
     if pos.shape != (n, len(names)):
-        raise PlanRejected(f"positions have shape {pos.shape}, expected ({n}, {len(names)})")
+        raise PlanRejected(f"positions have shape {pos.shape}, expected ({n}, {len(names)})",
+                           "shape")
     if vel is not None and vel.shape != pos.shape:
-        raise PlanRejected(f"velocities have shape {vel.shape}, expected {pos.shape}")
+        raise PlanRejected(f"velocities have shape {vel.shape}, expected {pos.shape}", "shape")
     if not np.all(np.isfinite(tfs)):
-        raise PlanRejected("non-finite time_from_start")
+        raise PlanRejected("non-finite time_from_start", "non_finite")
+    if np.any(np.abs(tfs) > MAX_TIME_FROM_START):
+        raise PlanRejected(f"time_from_start beyond {MAX_TIME_FROM_START:g} s", "times")
     if not np.all(np.isfinite(pos)):
         bad = np.argwhere(~np.isfinite(pos))[0]
-        raise PlanRejected(f"non-finite position at point {bad[0]} joint {names[bad[1]]!r}")
+        raise PlanRejected(f"non-finite position at point {bad[0]} joint {names[bad[1]]!r}",
+                           "non_finite")
     if vel is not None and not np.all(np.isfinite(vel)):
-        raise PlanRejected("non-finite velocity")
+        raise PlanRejected("non-finite velocity", "non_finite")
     if n > 1 and not np.all(np.diff(tfs) > 0.0):
         k = int(np.argmin(np.diff(tfs) > 0.0))
-        raise PlanRejected(f"times not strictly increasing at point {k + 1}")
+        raise PlanRejected(f"times not strictly increasing at point {k + 1}", "times")
 
     if names != expected:  # same set, other order: reorder columns
         order = [names.index(x) for x in expected]

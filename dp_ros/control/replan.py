@@ -15,6 +15,7 @@ from collections import deque
 import numpy as np
 
 _EPS = 1e-9  # float slack when comparing grid times
+_TRACKED = object()  # should_start(): use the stamp tracked by plan_started()
 
 
 def stale_points_on_arrival(latency: float, dt: float) -> int:
@@ -43,6 +44,7 @@ class ReplanScheduler:
         self.quantile = float(quantile)
         self.initial_latency = float(initial_latency)
         self._latencies: deque[float] = deque(maxlen=int(history))
+        self._started: deque[float] = deque(maxlen=8)  # recent started plan stamps, increasing
 
     def observe_latency(self, seconds: float) -> None:
         """Record one measured inference latency (window stamp -> plan published)."""
@@ -69,7 +71,24 @@ class ReplanScheduler:
         deadline = self.execution_end(active_plan_stamp) - (self.latency + self.margin)
         return max(deadline, active_plan_stamp + self.dt)
 
-    def should_start(self, now: float, active_plan_stamp: float | None,
+    # The running plan's stamp can be passed in, or tracked here: the policy node calls
+    # plan_started() when an inference begins and plan_failed() when it produced nothing.
+    @property
+    def active_plan_stamp(self) -> float | None:
+        """Stamp of the newest plan started (tracked by plan_started/plan_failed)."""
+        return self._started[-1] if self._started else None
+
+    def plan_started(self, stamp: float) -> None:
+        """An inference for the plan stamped `stamp` began: schedule the next from it."""
+        if not self._started or stamp > self._started[-1]:
+            self._started.append(float(stamp))
+
+    def plan_failed(self, stamp: float) -> None:
+        """That inference produced no plan: fall back to the previous plan's schedule."""
+        if stamp in self._started:
+            self._started.remove(float(stamp))
+
+    def should_start(self, now: float, active_plan_stamp: float | None | object = _TRACKED,
                      window_stamp: float | None = None) -> bool:
         """Start inference on the window available at `now`?
 
@@ -77,7 +96,10 @@ class ReplanScheduler:
         the next window would make the plan late: now + dt > next_start_time) or any later
         one. Never on a window that is not at least one dt newer than the running plan
         (`window_stamp`, or `now` when not given). No running plan: start at once.
+        `active_plan_stamp` defaults to the tracked one (see plan_started).
         """
+        if active_plan_stamp is _TRACKED:
+            active_plan_stamp = self.active_plan_stamp
         if active_plan_stamp is None:
             return True
         newest = now if window_stamp is None else window_stamp

@@ -32,6 +32,7 @@ policy stays active; ``active_policy_path`` in diagnostics names the policy in u
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 from collections import Counter
@@ -53,9 +54,9 @@ from dp_ros.control.replan import ReplanScheduler
 from dp_ros.nodes.diagnostics import ERROR, OK, WARN, CauseLog, DiagnosticsPublisher, make_status
 from dp_ros.nodes.trajectory_conv import plan_to_trajectory
 from dp_ros.nodes.window_msgs import (STATE_PART, WINDOW_QOS, WindowFormatError, WindowJoiner,
-                                      decode_window, ns_to_stamp, window_image_topic,
+                                      decode_window, window_image_topic,
                                       window_state_topic)
-from dp_ros.policy import Policy, PolicyConfig, load_policy
+from dp_ros.policy import CheckpointError, Policy, PolicyConfig, load_policy
 from dp_ros.policy.inference import resolve_device
 from dp_ros.policy.runner import LatencyStats, PlanJob, PlanOutcome, PlanRunner
 from dp_ros.policy.swap import LoadOutcome, PolicyLoader, SwapError, validate_swap
@@ -65,6 +66,8 @@ PLAN_QOS = QoSProfile(depth=4, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
 MAX_REPLAN_EVERY = 1024
+CLOCK_JUMP_BACK = 1.0  # s; a window this much older than the running plan restarts the schedule
+PLAUSIBLE_AGE = 60.0  # s; a plan older than this on publication means unrelated clocks
 
 
 def _float_range(lo: float, hi: float) -> list[FloatingPointRange]:
@@ -127,8 +130,11 @@ class PolicyNode(Node):
         except SwapError as err:
             raise ValueError(f"policy_path: {err}") from None
         seed = int(p["seed"])
-        policy = load_policy(p["policy_path"], device=self.device,
-                             seed=None if seed < 0 else seed)
+        try:
+            policy = load_policy(os.path.realpath(p["policy_path"]), device=self.device,
+                                 seed=None if seed < 0 else seed)
+        except CheckpointError as err:
+            raise ValueError(f"policy_path: {err}") from None
         cfg = policy.config
         self.graph_config: PolicyConfig = cfg  # what every later policy must be compatible with
         self.joint_names = list(p["joint_names"] or cfg.action_names)
@@ -192,29 +198,43 @@ class PolicyNode(Node):
     def _effective_replan_every(self, cfg: PolicyConfig) -> int:
         return self._replan_every or cfg.T_a
 
-    def _make_scheduler(self, cfg: PolicyConfig) -> ReplanScheduler:
-        return ReplanScheduler(T_o=cfg.T_o, T_a=self._effective_replan_every(cfg), dt=cfg.dt,
-                               margin=self._margin)
+    def _make_scheduler(self, cfg: PolicyConfig,
+                        previous: Optional[ReplanScheduler] = None) -> ReplanScheduler:
+        """A scheduler for the current settings that keeps the running plan and latency
+        estimate of `previous` (so a parameter change or swap does not plan at once)."""
+        sched = ReplanScheduler(T_o=cfg.T_o, T_a=self._effective_replan_every(cfg), dt=cfg.dt,
+                                margin=self._margin,
+                                initial_latency=0.0 if previous is None else previous.latency)
+        if previous is not None and previous.active_plan_stamp is not None:
+            sched.plan_started(previous.active_plan_stamp)
+        return sched
 
     # ------------------------------------------------------------------ windows
 
     def _on_window_part(self, part: str, msg) -> None:
         """Subscription callback: join by stamp; hand a due window to the worker."""
-        self.stats[f"received/{part}"] += 1
         with self._join_lock:
             joined = self.joiner.add(part, msg)
         if joined is None:
             return
-        self.stats["windows"] += 1
         cfg = self.graph_config
         dt_ns = int(round(cfg.dt * 1e9))
         plan_stamp_ns = joined.stamp_ns + (cfg.T_o - 1) * dt_ns
+        newest = plan_stamp_ns * 1e-9
         with self._lock:
-            due = self.scheduler.should_start(plan_stamp_ns * 1e-9)
+            active = self.scheduler.active_plan_stamp
+            if active is not None and newest < active - CLOCK_JUMP_BACK:
+                # the clock went back (a looping bag): the old schedule would never be due
+                self.scheduler = self._make_scheduler(cfg)
+                self.stats["clock_jumps_back"] += 1
+            # data time: the plan latency the scheduler learns is measured from the stamp too
+            due = self.scheduler.should_start(newest, window_stamp=newest)
+            self.stats["windows"] += 1
+            if not due:
+                self.stats["windows_skipped"] += 1  # not time to replan yet
         if not due:
-            self.stats["windows_skipped"] += 1  # not time to replan yet
             return
-        try:
+        try:  # decoded (copied) only when it will be planned on
             window = decode_window(joined.images, joined.state, cfg.T_o,
                                    camera_names=cfg.camera_names, state_names=cfg.state_names,
                                    dt=cfg.dt)
@@ -224,9 +244,13 @@ class PolicyNode(Node):
                     raise WindowFormatError(f"camera {cam.name!r}: frames {size[0]}x{size[1]}, "
                                             f"policy expects {cam.height}x{cam.width}")
         except WindowFormatError as err:
-            self.stats["bad_windows"] += 1
+            with self._lock:
+                self.stats["bad_windows"] += 1
             self.window_problems.report("window", "bad_window", str(err))
             return
+        # the policy's frame-feature cache then keys frames by their pixels, not stamps: a
+        # stamp seen again after a clock jump may come with other pixels
+        window.pop("stamps", None)
         self.runner.submit(PlanJob(window, plan_stamp_ns))
 
     # ------------------------------------------------------------------ worker callbacks
@@ -251,11 +275,15 @@ class PolicyNode(Node):
         msg = plan_to_trajectory(plan)
         self._plan_pub.publish(msg)
         age = (self.get_clock().now().nanoseconds - outcome.job.plan_stamp_ns) * 1e-9
-        self.plan_age.add(age)
+        plausible = 0.0 <= age <= PLAUSIBLE_AGE
+        if plausible:
+            self.plan_age.add(age)
         with self._lock:
             self.stats["plans"] += 1
             self._last_plan_error = None
-            self.scheduler.observe_latency(max(age, outcome.latency))
+            # stamp -> published is what makes a plan's first points stale; if the clocks
+            # disagree (no use_sim_time on a replay), inference time is the best we know
+            self.scheduler.observe_latency(age if plausible else outcome.latency)
 
     def _on_swap(self, loaded: LoadOutcome) -> None:
         if loaded.policy is None:
@@ -271,7 +299,7 @@ class PolicyNode(Node):
             self.active_path = loaded.path
             self.swap_status = "ok"
             self.stats["swaps"] += 1
-            self.scheduler = self._make_scheduler(policy.config)  # T_a may differ
+            self.scheduler = self._make_scheduler(policy.config, self.scheduler)  # T_a may differ
         self._publish_policy_id(policy)
         self.get_logger().info(f"swapped to policy {policy.policy_id!r} from {loaded.path} "
                                f"(loaded in {loaded.seconds:.2f} s)")
@@ -321,9 +349,11 @@ class PolicyNode(Node):
                         self._replan_every = int(param.value)
                     else:
                         self._margin = float(param.value)
-                    self.scheduler = self._make_scheduler(self.runner.policy.config)
+                    self.scheduler = self._make_scheduler(self.runner.policy.config,
+                                                          self.scheduler)
             elif param.name == "seed":
                 self.runner.seed = int(param.value)
+                self.loader.seed = None if param.value < 0 else int(param.value)
 
     # ------------------------------------------------------------------ diagnostics
 
@@ -365,7 +395,10 @@ class PolicyNode(Node):
             "bad_windows": stats.get("bad_windows", 0),
             "swaps": stats.get("swaps", 0), "swap_failures": stats.get("swap_failures", 0),
             "swap_status": swap_status, "swap_last_error": swap_error,
+            "worker_errors": self.runner.callback_errors,
         }
+        if self.runner.last_callback_error:
+            values["last_worker_error"] = self.runner.last_callback_error
         values.update({f"failures/{k}": n for k, n in sorted(self.plan_problems.counts().items())})
         if self.window_problems.last("window"):
             values["last_bad_window"] = self.window_problems.last("window")

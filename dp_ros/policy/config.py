@@ -31,6 +31,7 @@ class EncoderConfig:
     """Image encoder: ResNet-18 -> spatial softmax -> Linear, one per camera or shared."""
 
     backbone: str = "resnet18"
+    width: int = 64  # first-stage channels; 64 = torchvision's ResNet-18, 16 = a CPU-sized trunk
     norm: str = "group"  # "group" (GroupNorm, channels/16 groups) or "batch"
     num_keypoints: int = 32
     feature_dim: int = 64
@@ -187,6 +188,8 @@ class PolicyConfig:
         need(enc.feature_activation in ("none", "relu"),
              f"encoder.feature_activation must be 'none' or 'relu', got {enc.feature_activation!r}")
         need(enc.num_keypoints > 0 and enc.feature_dim > 0, "encoder sizes must be positive")
+        need(enc.width >= 16 and enc.width % 16 == 0,
+             f"encoder.width must be a positive multiple of 16 (GroupNorm uses channels/16 groups), got {enc.width}")
         need(enc.crop_shape is None or len(enc.crop_shape) == 2, "encoder.crop_shape must be [h, w]")
         u = self.unet
         need(len(u.down_dims) >= 1 and all(d > 0 for d in u.down_dims), "unet.down_dims must be positive")

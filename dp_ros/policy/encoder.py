@@ -38,9 +38,9 @@ class SpatialSoftmax(nn.Module):
 class CameraEncoder(nn.Module):
     def __init__(self, enc: EncoderConfig, in_height: int, in_width: int):
         super().__init__()
-        self.backbone = ResNet18Trunk(enc.norm)
+        self.backbone = ResNet18Trunk(enc.norm, enc.width)
         h, w = ResNet18Trunk.output_size(in_height, in_width)
-        self.pool = SpatialSoftmax(ResNet18Trunk.out_channels, h, w, enc.num_keypoints)
+        self.pool = SpatialSoftmax(self.backbone.out_channels, h, w, enc.num_keypoints)
         self.out = nn.Linear(enc.num_keypoints * 2, enc.feature_dim)
         self.relu = enc.feature_activation == "relu"
 

@@ -41,18 +41,21 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18Trunk(nn.Module):
-    """ResNet-18 without its average pool and classifier: (B, 3, H, W) -> (B, 512, H/32, W/32)."""
+    """ResNet-18 without its average pool and classifier: (B, 3, H, W) -> (B, 8*width, H/32, W/32).
 
-    out_channels = 512
+    ``width`` is the first stage's channel count: 64 is torchvision's ResNet-18; a narrower
+    trunk (e.g. 16, 1/16 of the FLOPs) makes an image policy trainable on a laptop CPU.
+    """
 
-    def __init__(self, norm: str = "group"):
+    def __init__(self, norm: str = "group", width: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = make_norm(norm, 64)
+        self.out_channels = 8 * width
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = make_norm(norm, width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        widths = [64, 128, 256, 512]
-        in_ch = 64
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        in_ch = width
         for i, w in enumerate(widths):
             stride = 1 if i == 0 else 2
             setattr(self, f"layer{i + 1}", nn.Sequential(

@@ -87,7 +87,8 @@ class PlanRunner:
 
     ``on_start(job)`` runs on the worker just before inference, ``on_outcome(outcome)``
     after it, ``on_swap(load_outcome)`` whenever a finished load is taken from `loader`
-    (installed if it succeeded). Callbacks must not raise; they run on the worker.
+    (installed if it succeeded). They run on the worker; an exception they raise is
+    counted (``callback_errors``) and the worker goes on.
     `seed` >= 0 makes each plan's noise a function of (seed, plan stamp), see seeding.py.
     """
 
@@ -105,6 +106,8 @@ class PlanRunner:
         self._stop = threading.Event()
         self._busy = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="policy_worker", daemon=True)
+        self.callback_errors = 0  # exceptions raised by the callbacks (a bug, or shutdown)
+        self.last_callback_error = ""
 
     @property
     def policy(self) -> Policy:
@@ -145,7 +148,11 @@ class PlanRunner:
         if loaded.policy is not None:
             self._policy = loaded.policy  # between plans: the only thread using it is this one
         if self._on_swap is not None:
-            self._on_swap(loaded)
+            try:
+                self._on_swap(loaded)
+            except Exception as exc:  # noqa: BLE001 - see _loop
+                self.callback_errors += 1
+                self.last_callback_error = f"{type(exc).__name__}: {exc}"
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -158,6 +165,9 @@ class PlanRunner:
                 if self._on_start is not None:
                     self._on_start(job)
                 self._on_outcome(self._plan(job))
+            except Exception as exc:  # noqa: BLE001 - a callback bug must not end planning
+                self.callback_errors += 1
+                self.last_callback_error = f"{type(exc).__name__}: {exc}"
             finally:
                 self._busy.clear()
 

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from ..data.store import EpisodeStore
 from ..data.windows import WindowDataset
 from .checkpoint import save_checkpoint
-from .config import CameraConfig, ConfigError, NormStats, PolicyConfig
+from .config import ConfigError, PolicyConfig
 from .ema import EMA, EmaConfig
 from .model import build_model
 from .normalizer import fit_stats
@@ -80,6 +80,7 @@ class TrainConfig:
     inv_gamma: float = 1.0
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     checkpoint_every: int = 1000  # steps between checkpoints + resume state; 0 = at the end only
+    keep_checkpoints: int = 5  # newest checkpoints/step_<n>/ kept (0 = keep all); latest/ always
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda" or "cuda:<i>"
     num_workers: int = 0  # DataLoader worker processes
@@ -125,6 +126,7 @@ class TrainConfig:
         need(self.ema_update_after >= 0, f"ema_update_after must be >= 0, got {self.ema_update_after}")
         need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        need(self.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0 (0 = all), got {self.keep_checkpoints}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -392,6 +394,29 @@ def _load_train_state(directory: Path) -> tuple[dict, dict[str, dict[str, torch.
 
 
 # -- the loop ----------------------------------------------------------------------------
+class _ResumableBatches:
+    """Endless batches of indices, epoch after epoch, starting at optimiser step `start_step`.
+
+    The order within epoch e is the DistributedSampler's permutation for (seed, e), so the
+    batch of any step is known without replaying the ones before it: that is what lets a
+    resumed run see exactly the batches the interrupted one would have.
+    """
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int, batches_per_epoch: int,
+                 start_step: int = 0):
+        self.sampler, self.batch_size = sampler, batch_size
+        self.batches_per_epoch, self.start_step = batches_per_epoch, start_step
+
+    def __iter__(self):
+        epoch, skip = divmod(self.start_step, self.batches_per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            order = list(self.sampler)
+            for i in range(skip, self.batches_per_epoch):
+                yield order[i * self.batch_size:(i + 1) * self.batch_size]
+            epoch, skip = epoch + 1, 0
+
+
 @dataclass
 class StepInfo:
     """Passed to the optional per-step callback (after the update, on every rank)."""
@@ -518,7 +543,7 @@ def _train(store_path, policy_spec, tcfg: TrainConfig, out: Path, resume: bool, 
             states.update({f"torch_cuda.{r}": s for r, s in enumerate(cuda)})
         return states
 
-    def save(final: bool) -> None:
+    def save() -> None:
         rng = rng_tensors()  # a collective: every rank takes part
         if d.is_main:
             weights = ema.averaged if ema is not None else model
@@ -533,6 +558,7 @@ def _train(store_path, policy_spec, tcfg: TrainConfig, out: Path, resume: bool, 
             shutil.copytree(out / "checkpoints" / f"step_{step}", tmp_latest)
             _swap_dir(tmp_latest, out / LATEST_DIR)
             _save_train_state(out, step, model, ema, optimizer, rng, run_info)
+            _prune_checkpoints(out / "checkpoints", tcfg.keep_checkpoints)
         if d.active:
             dist.barrier()
 
@@ -542,64 +568,66 @@ def _train(store_path, policy_spec, tcfg: TrainConfig, out: Path, resume: bool, 
     loss_sum, loss_n, smooth = 0.0, 0, None
     last_log_time, last_log_step = time.monotonic(), step
     saved_at = step if step > 0 else -1  # a resumed step was saved by the run that reached it
-    loader_gen = torch.Generator().manual_seed(tcfg.seed)  # keeps DataLoader off the global RNG
     budget_s = None if tcfg.max_minutes is None else tcfg.max_minutes * 60.0
     model.train()
+    batches = _ResumableBatches(sampler, tcfg.batch_size, batches_per_epoch, start_step=step)
+    # one loader for the whole run (workers persist); its generator keeps it off the global RNG
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=tcfg.num_workers,
+                        pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(tcfg.seed))
     try:
-        while step < tcfg.num_steps:
-            epoch, skip = divmod(step, batches_per_epoch)
-            sampler.set_epoch(epoch)
-            order = list(sampler)
-            batches = [order[i * tcfg.batch_size:(i + 1) * tcfg.batch_size]
-                       for i in range(skip, batches_per_epoch)]
-            loader = DataLoader(dataset, batch_sampler=batches, num_workers=tcfg.num_workers,
-                                pin_memory=device.type == "cuda", generator=loader_gen)
-            for batch in loader:
-                lr = tcfg.lr * lr_factor(step, tcfg.warmup_steps, tcfg.num_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = net(_to_device(batch, device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tcfg.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-                optimizer.step()
-                if ema is not None:
-                    ema.update(model)
-                step += 1
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"training loss is {loss_value} at step {step}: lower lr "
-                                             f"or check the data for outliers")
-                loss_sum, loss_n = loss_sum + loss_value, loss_n + 1
-                smooth = loss_value if smooth is None else 0.98 * smooth + 0.02 * loss_value
-                bar.update(1)
-                bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
-                if callback is not None:
-                    callback(StepInfo(step, loss_value, lr, model,
-                                      ema.averaged if ema is not None else None, d.rank))
-                if d.is_main and (step % tcfg.log_every == 0 or step == tcfg.num_steps):
-                    now = time.monotonic()
-                    entry = {"step": step, "loss": loss_sum / loss_n, "lr": lr,
-                             "ema_decay": ema.last_decay if ema is not None else None,
-                             "steps_per_s": (step - last_log_step) / max(now - last_log_time, 1e-9),
-                             "elapsed_s": now - started}
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(entry) + "\n")
-                    loss_sum, loss_n, last_log_time, last_log_step = 0.0, 0, now, step
-                if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.num_steps:
-                    save(final=False)
-                    saved_at = step
-                if step >= tcfg.num_steps or _out_of_time(budget_s, started, d, device):
-                    break
-            else:
-                continue
-            break  # inner loop stopped: done or out of time
+        for batch in (loader if step < tcfg.num_steps else ()):
+            lr = tcfg.lr * lr_factor(step, tcfg.warmup_steps, tcfg.num_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = net(_to_device(batch, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            optimizer.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"training loss is {loss_value} at step {step}: lower lr "
+                                         f"or check the data for outliers")
+            loss_sum, loss_n = loss_sum + loss_value, loss_n + 1
+            smooth = loss_value if smooth is None else 0.98 * smooth + 0.02 * loss_value
+            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            if callback is not None:
+                callback(StepInfo(step, loss_value, lr, model,
+                                  ema.averaged if ema is not None else None, d.rank))
+            if d.is_main and (step % tcfg.log_every == 0 or step == tcfg.num_steps):
+                now = time.monotonic()
+                entry = {"step": step, "loss": loss_sum / loss_n, "lr": lr,
+                         "ema_decay": ema.last_decay if ema is not None else None,
+                         "steps_per_s": (step - last_log_step) / max(now - last_log_time, 1e-9),
+                         "elapsed_s": now - started}
+                with log_path.open("a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                loss_sum, loss_n, last_log_time, last_log_step = 0.0, 0, now, step
+            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.num_steps:
+                save()
+                saved_at = step
+            if step >= tcfg.num_steps or _out_of_time(budget_s, started, d, device):
+                break
     finally:
         bar.close()
     if saved_at != step:
-        save(final=True)
+        save()
     return out / LATEST_DIR
+
+
+def _prune_checkpoints(directory: Path, keep: int) -> None:
+    """Delete all but the `keep` newest step_<n> directories (a full-size model each)."""
+    if keep <= 0:
+        return
+    steps = sorted((int(p.name[5:]), p) for p in directory.glob("step_*") if p.name[5:].isdigit())
+    for _, path in steps[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _out_of_time(budget_s: Optional[float], started: float, d: _Dist, device: torch.device) -> bool:

@@ -32,10 +32,10 @@ Range = tuple[float, float]
 class TaskSpec:
     """Randomisation ranges and regions (world frame, metres, for reach 1)."""
 
-    start_yaw_range: Range = (-0.2, 0.2)         # rad, joint 1 at the start
+    start_yaw_range: Range = (-0.12, 0.12)       # rad, joint 1 at the start
     start_bend_range: Range = (-0.12, 0.12)      # rad, the other joints at the start
     start_min_radius: float = 0.97               # start region: end effector this far out
-    start_half_angle: float = 0.35               # ... within this angle (rad) of -y
+    start_half_angle: float = 0.25               # ... within this angle (rad) of -y
     # ranges chosen so both elbow branches reach the goal with >= 4 cm to spare
     goal_x_range: Range = (-0.04, 0.04)
     goal_y_range: Range = (0.76, 0.84)
