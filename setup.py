@@ -10,7 +10,7 @@ NODES = ["obs_aggregator", "policy_node", "trajectory_executor", "sim_arm"]
 ROS_WHEELS = [  # ROS 2 Kilted pip wheels, used only where no ROS distribution is sourced
     "ros-rclpy", "ros-rmw-fastrtps-cpp", "ros-sensor-msgs", "ros-trajectory-msgs",
     "ros-std-msgs", "ros-std-srvs", "ros-diagnostic-msgs", "ros-builtin-interfaces",
-    "ros-rosgraph-msgs",
+    "ros-rosgraph-msgs", "ros-geometry-msgs",
 ]
 
 setup(

@@ -36,7 +36,8 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     if args.synthetic is None:
         print("dp-ros dataset: give --synthetic N (bags come with the demo robot)", file=sys.stderr)
         return 2
-    store = make_synthetic_store(args.out, episodes=args.synthetic, seed=args.seed)
+    store = make_synthetic_store(args.out, episodes=args.synthetic, seed=args.seed,
+                                 overwrite=args.overwrite)
     print(f"{args.out}: {store.n_episodes} episodes, {store.n_steps} steps")
     return 0
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dataset", help="build an episode store")
     p.add_argument("--synthetic", type=int, metavar="N", help="generate N point-mass episodes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_dataset)
 

@@ -91,7 +91,8 @@ events = st.lists(st.one_of(
 ), min_size=1, max_size=40)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), evts=events, lead=st.sampled_from([0.0, 0.03]),
        timeout=st.sampled_from([0.3, 1.0]), crossfade=st.sampled_from([0, 4]),
        q0=st.tuples(st.floats(-1.0, 1.0), st.floats(-0.5, 2.0)))

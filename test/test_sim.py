@@ -176,6 +176,27 @@ def test_cubic_uses_given_velocities():
     assert arm.velocities[1] == pytest.approx(0.0, abs=0.02)
 
 
+def test_point_at_time_zero_is_a_step_target():
+    arm = SimulatedArm(GEOM)
+    arm.reset([0.0, 0.0], now=0.0)
+    arm.command_trajectory(traj([0.0, 1.0], [[0.5, 0.0], [0.5, 0.5]]), now=0.0)
+    arm.step(0.1)
+    np.testing.assert_allclose(arm.positions, [0.2, 0.05], atol=1e-9)  # velocity-limited
+    run(arm, 0.1, 2.0)
+    np.testing.assert_allclose(arm.positions, [0.5, 0.5], atol=1e-9)
+
+
+def test_measured_state_anchor_when_not_interpolating_from_desired():
+    arm = SimulatedArm(GEOM, interpolate_from_desired_state=False)
+    arm.reset([0.0, 0.0], now=0.0)
+    arm.command_positions([2.0, 0.0], now=0.0)   # desired jumps; the joint lags behind
+    arm.step(0.25)
+    np.testing.assert_allclose(arm.positions, [0.5, 0.0], atol=1e-9)
+    arm.command_trajectory(traj([1.0], [[0.5, 1.0]]), now=0.25)
+    arm.step(0.75)
+    np.testing.assert_allclose(arm.positions, [0.5, 0.5], atol=1e-9)  # from the measured
+
+
 def test_empty_trajectory_stops_and_holds():
     arm = SimulatedArm(GEOM)
     arm.reset([0.0, 0.0], now=0.0)

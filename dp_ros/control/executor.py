@@ -334,7 +334,7 @@ class PlanExecutor:
         ref = self._ref
         if ref is None:
             return
-        if False:
+        if now - ref.stamp > self.stale_plan_timeout:
             self._clear(f"plan stamped {ref.stamp:.3f} is stale "
                         f"(> stale_plan_timeout {self.stale_plan_timeout} s)", "stale")
         elif now + self.actuation_lead > ref.end:

@@ -143,5 +143,6 @@ def plan_from_actions(stamp_ns: int, actions: np.ndarray, T_o: int, dt: float,
         raise ValueError(f"dt must be > 0, got {dt}")
     vel = finite_difference_velocities(actions, dt)[T_o - 1:]
     pos = actions[T_o - 1:].copy()
-    tfs = np.arange(pos.shape[0], dtype=np.float64) * dt
+    # k*dt on whole nanoseconds, the resolution of a message's time_from_start
+    tfs = np.round(np.arange(pos.shape[0], dtype=np.float64) * dt * NS_PER_S) / NS_PER_S
     return Plan(int(stamp_ns), tuple(joint_names), tfs, pos, vel)

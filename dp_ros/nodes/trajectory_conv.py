@@ -139,9 +139,10 @@ class JointStateReader:
         if len(msg.position) != len(names):
             raise JointStateRejected(f"joint state has {len(msg.position)} positions for "
                                      f"{len(names)} names", "size_mismatch")
-        pos = np.frombuffer(msg.position, dtype=np.float64) if isinstance(msg.position, array.array) \
-            else np.asarray(msg.position, dtype=np.float64)
-        q = pos[self._index].copy()
+        raw = msg.position  # array.array('d') when received: no per-element conversion
+        pos = np.frombuffer(raw, np.float64) if isinstance(raw, array.array) \
+            else np.asarray(raw, np.float64)
+        q = pos[self._index]  # fancy indexing copies
         if not np.all(np.isfinite(q)):
             j = self.joint_names[int(np.argmax(~np.isfinite(q)))]
             raise JointStateRejected(f"joint state has a non-finite position for {j!r}",

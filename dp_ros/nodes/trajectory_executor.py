@@ -52,7 +52,7 @@ JOINT_TRAJECTORY, POSITION_STREAM = "joint_trajectory", "position_stream"
 DEFAULT_COMMAND_TOPIC = {JOINT_TRAJECTORY: "/arm_controller/joint_trajectory",
                          POSITION_STREAM: "/forward_position_controller/commands"}
 PLAN_QOS = QoSProfile(depth=4, reliability=ReliabilityPolicy.RELIABLE)  # as policy_node's
-COMMAND_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)  # newest only
+COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 
 
 def _float_range(lo: float, hi: float) -> list[FloatingPointRange]:
@@ -210,7 +210,7 @@ class TrajectoryExecutorNode(Node):
         cfg = self.cfg
         self.control_dt = 1.0 / cfg.control_rate_hz
         self._jt_period_ns = int(round(1e9 / cfg.joint_trajectory_rate_hz))
-        self.executor = PlanExecutor(cfg.joint_names, cfg.limits, cfg.actuation_lead,
+        self.plan_executor = PlanExecutor(cfg.joint_names, cfg.limits, cfg.actuation_lead,
                                      cfg.stale_plan_timeout, cfg.crossfade_steps,
                                      self.control_dt)
         self._lock = threading.Lock()  # executor state vs callbacks (any rclpy executor)
@@ -264,7 +264,7 @@ class TrajectoryExecutorNode(Node):
             self._count_plan("rejected", err.cause, err.reason)
             return
         with self._lock:
-            result = self.executor.submit(plan, now_ns * 1e-9)
+            result = self.plan_executor.submit(plan, now_ns * 1e-9)
             self.stats["late_points"] += result.late_points
             self.stats["skipped_points"] += result.skipped_points
             if result.accepted:
@@ -294,7 +294,7 @@ class TrajectoryExecutorNode(Node):
         with self._lock:
             self._joint_state = (q, now_ns)
             if self.cfg.autostart and self.stats["autostarts"] == 0 \
-                    and not self.executor.enabled and now_ns:
+                    and not self.plan_executor.enabled and now_ns:
                 refused = self._enable_locked(now_ns)
                 if refused:
                     self.problems.report("enable", "autostart_refused", refused)
@@ -312,7 +312,7 @@ class TrajectoryExecutorNode(Node):
             return (f"last joint state is {age:.3f} s old "
                     f"(> joint_state_timeout {self.cfg.joint_state_timeout} s)")
         try:
-            self.executor.enable(q, now_ns * 1e-9)
+            self.plan_executor.enable(q, now_ns * 1e-9)
         except ValueError as err:
             return str(err)
         self._status = HOLDING
@@ -323,7 +323,7 @@ class TrajectoryExecutorNode(Node):
         now_ns = self._now_ns()
         with self._lock:
             if request.data:
-                if self.executor.enabled:
+                if self.plan_executor.enabled:
                     response.success, response.message = True, "already enabled"
                     return response
                 refused = self._enable_locked(now_ns) if now_ns else "node clock not started"
@@ -331,9 +331,9 @@ class TrajectoryExecutorNode(Node):
                 response.message = refused or "enabled: holding the current position until a " \
                                               "plan arrives"
             else:
-                if self.executor.enabled:
+                if self.plan_executor.enabled:
                     self._send_hold_locked()  # joint_trajectory: stop the running horizon
-                self.executor.disable("disabled through ~/enable")
+                self.plan_executor.disable("disabled through ~/enable")
                 self._status = DISABLED
                 response.success, response.message = True, "disabled"
         self.stats["enable_calls"] += 1
@@ -350,14 +350,14 @@ class TrajectoryExecutorNode(Node):
         if now_ns == 0:
             return
         with self._lock:
-            cmd = self.executor.command(now_ns * 1e-9)
+            cmd = self.plan_executor.command(now_ns * 1e-9)
             if cmd.status == DISABLED:
                 self._status = DISABLED
                 return
             changed = cmd.status != self._status
             self._status = cmd.status
             if cmd.status == HOLDING and (changed or cmd.reason != self._last_reason):
-                self.problems.report("executor", f"holding/{self.executor.cause}", cmd.reason)
+                self.problems.report("executor", f"holding/{self.plan_executor.cause}", cmd.reason)
             self._last_reason = cmd.reason
             if self.cfg.output_mode == POSITION_STREAM:
                 self._cmd_pub.publish(position_command(cmd.positions))
@@ -368,7 +368,7 @@ class TrajectoryExecutorNode(Node):
                 self._publish_trajectory_locked(now_ns)
 
     def _publish_trajectory_locked(self, now_ns: int) -> None:
-        points = self.executor.remaining_trajectory(now_ns * 1e-9)
+        points = self.plan_executor.remaining_trajectory(now_ns * 1e-9)
         if len(points.times_from_now) == 0:
             return
         self._cmd_pub.publish(command_trajectory(self.cfg.joint_names, points))
@@ -379,9 +379,9 @@ class TrajectoryExecutorNode(Node):
     def _send_hold_locked(self) -> None:
         """joint_trajectory mode: replace the controller's running horizon by a hold at the
         last command (a forward position controller holds its last value by itself)."""
-        if self.cfg.output_mode != JOINT_TRAJECTORY or self.executor.last_command is None:
+        if self.cfg.output_mode != JOINT_TRAJECTORY or self.plan_executor.last_command is None:
             return
-        q = self.executor.last_command
+        q = self.plan_executor.last_command
         points = TrajectoryPoints(np.array([self.control_dt]), q[None], np.zeros((1, len(q))))
         self._cmd_pub.publish(command_trajectory(self.cfg.joint_names, points))
         self.stats["commands_sent"] += 1
@@ -389,9 +389,9 @@ class TrajectoryExecutorNode(Node):
     def stop(self) -> None:
         """Hold and go silent (call before shutdown while the context is still valid)."""
         with self._lock:
-            if self.executor.enabled:
+            if self.plan_executor.enabled:
                 self._send_hold_locked()
-            self.executor.disable("node stopped")
+            self.plan_executor.disable("node stopped")
             self._status = DISABLED
 
     # ------------------------------------------------------------------ parameters
@@ -415,14 +415,14 @@ class TrajectoryExecutorNode(Node):
         if "max_velocity" in changes:
             changes["max_velocity"] = _velocity_value(changes["max_velocity"])
         with self._lock:
-            self.executor.configure(**changes)
+            self.plan_executor.configure(**changes)
         self.get_logger().info(f"parameters changed: {changes}")
 
     # ------------------------------------------------------------------ diagnostics
     def _collect_diagnostics(self):
         with self._lock:
-            status, reason = self.executor.status, self.executor.reason
-            stamp = self.executor.active_plan_stamp
+            status, reason = self.plan_executor.status, self.plan_executor.reason
+            stamp = self.plan_executor.active_plan_stamp
             stats = dict(self.stats)
         problems = self.problems.counts()
         level = WARN if status == HOLDING or stats.get("plans_rejected") else OK
@@ -438,7 +438,7 @@ class TrajectoryExecutorNode(Node):
             values[key] = stats.get(key, 0)
         values.update({k: v for k, v in stats.items() if "/" in k})
         values.update({f"problems/{k}": v for k, v in problems.items()})
-        values["clock_jumps"] = self.executor.clock_jumps
+        values["clock_jumps"] = self.plan_executor.clock_jumps
         return [make_status(f"{self.get_fully_qualified_name()}: executor", level, message,
                             values)]
 

@@ -235,8 +235,13 @@ class SimulatedArm:
     """Joint state + controller. Call ``step(now)`` with the clock; it integrates in
     substeps of at most ``max_substep`` so a coarse clock still follows trajectories.
 
-    The joints track the reference at most ``max_velocity`` rad/s and stay inside the
-    position limits (the reference is clipped as well)."""
+    The controller holds a reference (position over time); the joints track it at most
+    ``max_velocity`` rad/s and stay inside the position limits (the reference is
+    clipped as well). A new trajectory starts at its anchor: the desired state (as
+    joint_trajectory_controller with ``interpolate_from_desired_state``) or, with that
+    flag off, the measured state, at max(start, now); a point exactly at the anchor
+    time makes the reference jump there. Cubic interpolation is Hermite with the
+    message's velocities, or central-difference velocities when it has none."""
 
     geometry: ArmGeometry
     initial_positions: Optional[Sequence[float]] = None
@@ -295,7 +300,7 @@ class SimulatedArm:
         start = now if traj.start is None else traj.start
         abs_times = start + traj.times
         anchor_t = max(start, now)
-        keep = abs_times > anchor_t
+        keep = abs_times >= anchor_t
         if not np.any(keep):
             raise CommandRejected([f"trajectory ends in the past (last point at "
                                    f"{abs_times[-1]:.3f} s, now {now:.3f} s)"])
@@ -303,20 +308,22 @@ class SimulatedArm:
             p0, v0 = self.desired(now)
         else:
             p0, v0 = self.positions.copy(), self.velocities.copy()
-        pos = traj.positions[keep]
-        if traj.velocities is not None:
-            vel = traj.velocities[keep]
-        else:
-            vel = _knot_velocities(np.concatenate([[anchor_t], abs_times[keep]]),
-                                   np.vstack([p0[None], pos]))[1:]
         cubic = self.interpolation == "cubic"
-        if not cubic or traj.start is not None and traj.start > now:
-            v0 = np.zeros_like(p0)  # held until the start: leaves the anchor at rest
-        self._reference = _Knots(
-            times=np.concatenate([[anchor_t], abs_times[keep]]),
-            positions=np.vstack([p0[None], pos]),
-            velocities=np.vstack([v0[None], vel]),
-            cubic=cubic)
+        if not cubic or start > now:
+            v0 = np.zeros_like(p0)  # linear, or held until the start: the anchor is at rest
+        times, pos = abs_times[keep], traj.positions[keep]
+        vel = None if traj.velocities is None else traj.velocities[keep]
+        anchored = times[0] > anchor_t
+        if anchored:  # interpolate from the anchor to the first point
+            times = np.concatenate([[anchor_t], times])
+            pos = np.vstack([p0[None], pos])
+            vel = None if vel is None else np.vstack([v0[None], vel])
+        # else a point at the anchor time: the reference jumps there
+        if vel is None:
+            vel = _knot_velocities(times, pos)
+            if anchored:
+                vel[0] = v0  # cubic: continue the running motion smoothly
+        self._reference = _Knots(times=times, positions=pos, velocities=vel, cubic=cubic)
 
     # -- simulation
     def step(self, now: float) -> ArmState:
