@@ -46,7 +46,6 @@ setup(
     maintainer_email="dp_ros@example.com",
     description="Diffusion Policy visuomotor controllers on ROS 2 robots in real time",
     license="Apache-2.0",
-    tests_require=["pytest"],
     entry_points={
         "console_scripts": [f"{n} = {PACKAGE}.nodes.{n}:main" for n in NODES[:3]]
         + [f"sim_arm = {PACKAGE}.sim.sim_arm_node:main", f"dp-ros = {PACKAGE}.cli:main"],

@@ -1,4 +1,4 @@
-"""`dp-ros` command line: demo, train, dataset, bench, and (with the nodes) up.
+"""`dp-ros` command line: demo, train, dataset, record-demos, play, bench, up.
 
 Each subcommand is a thin wrapper over a library function, so everything a command does can
 also be done from Python.
@@ -33,8 +33,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_dataset(args: argparse.Namespace) -> int:
     from .data.synthetic import make_synthetic_store
+    if args.bags:
+        if args.synthetic is not None:
+            print("dp-ros dataset: give bags or --synthetic N, not both", file=sys.stderr)
+            return 2
+        if not args.config:
+            print("dp-ros dataset: bags need --config FILE (the node parameter file)",
+                  file=sys.stderr)
+            return 2
+        from .data.from_bags import main as dataset_from_bags
+        from .paths import config_file
+        args.config = str(config_file(args.config))
+        return dataset_from_bags(args)
     if args.synthetic is None:
-        print("dp-ros dataset: give --synthetic N (bags come with the demo robot)", file=sys.stderr)
+        print("dp-ros dataset: give bags (dp-ros dataset BAG... --config FILE --out STORE) "
+              "or --synthetic N", file=sys.stderr)
         return 2
     store = make_synthetic_store(args.out, episodes=args.synthetic, seed=args.seed,
                                  overwrite=args.overwrite)
@@ -53,6 +66,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return run_ros(seconds=args.seconds, device=args.device)
     print(f"dp-ros bench: unknown benchmark {args.what!r}", file=sys.stderr)
     return 2
+
+
+def cmd_record_demos(args: argparse.Namespace) -> int:
+    from .record_demos import main as record_main
+    return record_main(args)
+
+
+def cmd_play(args: argparse.Namespace) -> int:
+    from .nodes.bag_player import main_cli as play_main
+    return play_main(args)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -81,12 +104,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start over even if resume state exists")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("dataset", help="build an episode store")
+    p = sub.add_parser("dataset", help="build an episode store from bags (or a synthetic one)",
+                       description="Build an episode store from rosbag2 bags with the "
+                       "aggregator's observation code, reading its settings from the node "
+                       "parameter file (obs_aggregator section; actions and episodes from a "
+                       "'dataset' section or the flags below), or generate a synthetic one.")
+    p.add_argument("bags", nargs="*", metavar="BAG", help="rosbag2 bags (MCAP or sqlite3)")
+    p.add_argument("--config", help="node parameter file (a path, or a name in config/)")
+    p.add_argument("--action-topic", help="actions: sensor_msgs/JointState or "
+                   "std_msgs/Float64MultiArray (default /expert/action)")
+    p.add_argument("--action-joints", nargs="+", metavar="JOINT",
+                   help="action joint names, in order (default: policy_node joint_names)")
+    p.add_argument("--episode-topic", help="std_msgs/String JSON episode boundaries "
+                   "(default /episode; a bag without it is one episode)")
+    p.add_argument("--remap", nargs="+", metavar="FROM:=TO", default=[],
+                   help="rename recorded topics")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--synthetic", type=int, metavar="N", help="generate N point-mass episodes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_dataset)
+
+    p = sub.add_parser("record-demos", help="record expert demonstrations on the simulated "
+                       "arm into a rosbag2 bag")
+    p.add_argument("--episodes", type=int, default=50, help="episodes to record")
+    p.add_argument("--out", required=True, type=Path, help="bag directory to create")
+    p.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap")
+    p.add_argument("--seed", type=int, default=0, help="episode and expert seed")
+    p.add_argument("--config", help="parameter file whose sim_arm section sets up the arm "
+                   "(default config/demo_robot.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bag")
+    p.add_argument("--visible", action="store_true",
+                   help="let other ROS processes see the recording's topics (default: hidden)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_record_demos)
+
+    p = sub.add_parser("play", help="publish a bag's messages on live topics (and /clock)")
+    p.add_argument("bag", help="rosbag2 bag (MCAP or sqlite3)")
+    p.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
+    p.add_argument("--clock", nargs="?", type=float, const=100.0, default=None, metavar="HZ",
+                   help="publish /clock from bag time (default 100 Hz) for use_sim_time")
+    p.add_argument("--loop", action="store_true", help="start over at the end")
+    p.add_argument("--topics", nargs="+", metavar="TOPIC", help="play only these topics")
+    p.add_argument("--remap", nargs="+", metavar="FROM:=TO", default=[],
+                   help="publish recorded topic FROM as TO")
+    p.add_argument("--start-offset", type=float, default=0.0, metavar="S",
+                   help="skip the first S seconds of the bag")
+    p.add_argument("--wait-for-subscribers", type=float, default=0.0, metavar="S",
+                   help="wait up to S seconds for every topic to have a subscriber")
+    p.set_defaults(func=cmd_play)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
     p.add_argument("what", choices=["policy", "ros"])

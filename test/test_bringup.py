@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------- helpers
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.02) -> None:
+    """Poll `cond` until it holds; AssertionError naming `what` after `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():

@@ -265,6 +265,16 @@ def test_backward_clock_jump_clears_and_holds():
     assert ex.submit(ramp_plan(T0 - 5.0, [0, 0], [0.1, 0.1]), T0 - 5.0).accepted
 
 
+def test_clock_jump_while_disabled_starts_a_new_timeline():
+    ex = make_executor()
+    ex.enable(np.zeros(2), T0)
+    assert ex.submit(ramp_plan(T0, [0, 0], [0.1, 0.1]), T0).accepted
+    ex.disable()
+    ex.command(T0 + 0.5)
+    ex.enable(np.zeros(2), T0 - 10.0)  # e.g. the bag restarted meanwhile
+    assert ex.submit(ramp_plan(T0 - 10.0, [0, 0], [0.1, 0.1]), T0 - 10.0).accepted
+
+
 def test_commands_respect_position_limits():
     ex = make_executor(vmax=10.0, lower=(-0.5, -0.5), upper=(0.5, 0.5))
     ex.enable(np.zeros(2), T0)

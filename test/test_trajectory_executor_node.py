@@ -20,7 +20,7 @@ rclpy = pytest.importorskip("rclpy")
 
 from builtin_interfaces.msg import Duration  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
@@ -142,13 +142,19 @@ class Rig:
         self.publish_joint_states = False
         self.test.create_timer(0.02, self._on_js_timer)
         self.enable_client = self.test.create_client(SetBool, "/trajectory_executor/enable")
-        self.executor = MultiThreadedExecutor(num_threads=3, context=ctx)
+        # one thread, as in deployment; stopped between spins so teardown races nothing
+        self.executor = SingleThreadedExecutor(context=ctx)
         self.executor.add_node(self.node)
         self.executor.add_node(self.test)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.spinning = True
+        self.thread = threading.Thread(target=self._spin, daemon=True)
         self.thread.start()
         wait_for(lambda: self.plan_pub.get_subscription_count() > 0
                  and self.test.count_publishers(topic) > 0, what="discovery")
+
+    def _spin(self) -> None:
+        while self.spinning:
+            self.executor.spin_once(timeout_sec=0.05)
 
     def now(self) -> float:
         return self.test.get_clock().now().nanoseconds * 1e-9
@@ -193,8 +199,9 @@ class Rig:
                 if self.diagnostics else {}
 
     def close(self) -> None:
-        self.executor.shutdown()
+        self.spinning = False
         self.thread.join(timeout=5.0)
+        self.executor.shutdown()
         self.node.destroy_node()
         self.test.destroy_node()
 
@@ -416,7 +423,7 @@ def test_executable_autostarts_and_holds_on_ctrl_c(ros_context):
     test.create_subscription(JointTrajectory, "/arm_controller/joint_trajectory", got.append, 100)
     js = test.create_publisher(JointState, "/joint_states", 10)
     plans = test.create_publisher(JointTrajectory, "/policy_node/plan", 10)
-    executor = rclpy.executors.SingleThreadedExecutor(context=ros_context)
+    executor = SingleThreadedExecutor(context=ros_context)
     executor.add_node(test)
 
     def spin_until(cond, timeout=20.0):

@@ -175,6 +175,7 @@ class PlanExecutor:
             j = int(np.argmax(outside))
             raise ValueError(f"joint {self.joint_names[j]!r} at {q[j]:.4f} is outside its limits "
                              f"[{self.limits.lower[j]}, {self.limits.upper[j]}]")
+        self._check_clock(now)  # a jump back while disabled starts a new timeline too
         self._enabled = True
         self._last_cmd = q.copy()
         self._last_cmd_now = self._last_now = float(now)
@@ -241,9 +242,9 @@ class PlanExecutor:
     def command(self, now: float) -> Command:
         """The position to send at `now` (for plan time now + actuation_lead)."""
         tau = now + self.actuation_lead
+        self._check_clock(now)
         if not self._enabled:
             return Command(None, None, DISABLED, self._reason, tau)
-        self._check_clock(now)
         self._expire(now)
         dt_cmd = min(max(now - self._last_cmd_now, 0.0), self.control_dt)
         prev = self._last_cmd

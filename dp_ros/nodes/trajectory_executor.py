@@ -211,8 +211,8 @@ class TrajectoryExecutorNode(Node):
         self.control_dt = 1.0 / cfg.control_rate_hz
         self._jt_period_ns = int(round(1e9 / cfg.joint_trajectory_rate_hz))
         self.plan_executor = PlanExecutor(cfg.joint_names, cfg.limits, cfg.actuation_lead,
-                                     cfg.stale_plan_timeout, cfg.crossfade_steps,
-                                     self.control_dt)
+                                          cfg.stale_plan_timeout, cfg.crossfade_steps,
+                                          self.control_dt)
         self._lock = threading.Lock()  # executor state vs callbacks (any rclpy executor)
         self._reader = JointStateReader(cfg.joint_names)
         self._joint_state: Optional[tuple[np.ndarray, int]] = None  # (positions, received ns)
@@ -222,6 +222,7 @@ class TrajectoryExecutorNode(Node):
         self._last_reason = ""
         self._last_traj_ns: Optional[int] = None
         self._send_now = False  # joint_trajectory: a new plan or a status change to send
+        self._rejected_reported = 0  # plans_rejected at the last diagnostics message
 
         if not (np.all(np.isfinite(cfg.limits.lower)) and np.all(np.isfinite(cfg.limits.upper))):
             self.get_logger().warning("position_lower/position_upper not set for every joint: "
@@ -253,7 +254,6 @@ class TrajectoryExecutorNode(Node):
 
     # ------------------------------------------------------------------ inputs
     def _on_plan(self, msg: JointTrajectory) -> None:
-        self.stats["plans_received"] += 1
         now_ns = self._now_ns()
         if now_ns == 0:  # use_sim_time and no /clock yet: nothing can be judged
             self.problems.report("plan", "no_clock", "plan before the first /clock message")
@@ -261,25 +261,24 @@ class TrajectoryExecutorNode(Node):
         try:
             plan = trajectory_to_plan(msg)
         except PlanRejected as err:
-            self._count_plan("rejected", err.cause, err.reason)
-            return
+            status, cause, reason = "rejected", err.cause, err.reason
+        else:
+            with self._lock:
+                result = self.plan_executor.submit(plan, now_ns * 1e-9)
+                self.stats["late_points"] += result.late_points
+                self.stats["skipped_points"] += result.skipped_points
+                if result.accepted:
+                    self._send_now = True
+            status, cause, reason = result.status, result.cause, result.reason
         with self._lock:
-            result = self.plan_executor.submit(plan, now_ns * 1e-9)
-            self.stats["late_points"] += result.late_points
-            self.stats["skipped_points"] += result.skipped_points
-            if result.accepted:
-                self._send_now = True
-        self._count_plan(result.status, result.cause, result.reason)
-
-    def _count_plan(self, status: str, cause: str, reason: str) -> None:
-        self.stats[f"plans_{status}"] += 1
+            self.stats["plans_received"] += 1
+            self.stats[f"plans_{status}"] += 1
+            if status != "accepted":
+                self.stats[f"plans_{status}/{cause}"] += 1
         if status == "rejected":
-            self.stats[f"plans_rejected/{cause}"] += 1
             self.problems.report("plan", cause, f"plan rejected: {reason}")
-        elif status == "ignored":
-            self.stats[f"plans_ignored/{cause}"] += 1
-            if cause != "not_newer":  # duplicates/reordering are routine
-                self.problems.report("plan", cause, f"plan ignored: {reason}")
+        elif status == "ignored" and cause != "not_newer":  # duplicates are routine
+            self.problems.report("plan", cause, f"plan ignored: {reason}")
         elif cause:  # accepted with a note (e.g. catching up)
             self.problems.report("plan", cause, reason)
 
@@ -287,7 +286,8 @@ class TrajectoryExecutorNode(Node):
         try:
             q = self._reader.read(msg)
         except JointStateRejected as err:
-            self.stats["joint_states_rejected"] += 1
+            with self._lock:
+                self.stats["joint_states_rejected"] += 1
             self.problems.report("joint_states", err.cause, str(err))
             return
         now_ns = self._now_ns()
@@ -336,9 +336,10 @@ class TrajectoryExecutorNode(Node):
                 self.plan_executor.disable("disabled through ~/enable")
                 self._status = DISABLED
                 response.success, response.message = True, "disabled"
-        self.stats["enable_calls"] += 1
+        with self._lock:
+            self.stats["enable_calls"] += 1
+            self.stats["enable_refused"] += int(request.data and not response.success)
         if request.data and not response.success:
-            self.stats["enable_refused"] += 1
             self.get_logger().warning(f"enable refused: {response.message}")
         else:
             self.get_logger().info(f"~/enable {request.data}: {response.message}")
@@ -356,7 +357,8 @@ class TrajectoryExecutorNode(Node):
                 return
             changed = cmd.status != self._status
             self._status = cmd.status
-            if cmd.status == HOLDING and (changed or cmd.reason != self._last_reason):
+            if cmd.status == HOLDING and (changed or cmd.reason != self._last_reason) \
+                    and self.plan_executor.cause != "no_plan":  # waiting after enable: normal
                 self.problems.report("executor", f"holding/{self.plan_executor.cause}", cmd.reason)
             self._last_reason = cmd.reason
             if self.cfg.output_mode == POSITION_STREAM:
@@ -425,7 +427,10 @@ class TrajectoryExecutorNode(Node):
             stamp = self.plan_executor.active_plan_stamp
             stats = dict(self.stats)
         problems = self.problems.counts()
-        level = WARN if status == HOLDING or stats.get("plans_rejected") else OK
+        rejected = stats.get("plans_rejected", 0)
+        # WARN while holding, or when plans were rejected since the last report
+        level = WARN if status == HOLDING or rejected > self._rejected_reported else OK
+        self._rejected_reported = rejected
         message = {TRACKING: "tracking", DISABLED: f"disabled ({reason})",
                    HOLDING: f"holding: {reason}"}[status]
         values = {"status": status, "reason": reason, "output_mode": self.cfg.output_mode,
