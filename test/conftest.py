@@ -23,6 +23,21 @@ def fresh_domain_id() -> int:
     return 101 + (_BASE_DOMAIN * 7 + next(_next_domain)) % 130
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small models run fastest on one thread, and do not collapse when the two cores are
+    shared with node subprocesses or other test runs."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def ros_domain(monkeypatch) -> int:
     """A domain id of this test's own, exported so subprocesses join it too."""
@@ -33,7 +48,7 @@ def ros_domain(monkeypatch) -> int:
 
 @pytest.fixture
 def ros_context(ros_domain):
-    rclpy = pytest.importorskip("rclpy")
+    import rclpy
     ctx = rclpy.context.Context()
     rclpy.init(context=ctx, domain_id=ros_domain)
     try:

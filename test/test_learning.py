@@ -23,14 +23,6 @@ T_O, T_P, T_A = 2, 8, 4
 N_SAMPLES = 200
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """A small U-Net is fastest on one thread, and does not collapse when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def bimodal_store(tmp_path_factory):

@@ -10,45 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from dp_ros.policy import CheckpointError, PolicyConfig, load_policy, save_checkpoint
+from dp_ros.policy import CheckpointError, PolicyConfig, load_policy
 from dp_ros.policy.config import ConfigError, EncoderConfig, UnetConfig
 from dp_ros.policy.model import build_model
-from dp_ros.policy.normalizer import fit_stats
 from dp_ros.policy.resnet import ResNet18Trunk
+
+from helpers_policy import make_checkpoint, random_obs, small_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def small_config(**overrides) -> PolicyConfig:
-    cfg = PolicyConfig(
-        encoder=EncoderConfig(crop_shape=[28, 28], num_keypoints=8, feature_dim=16),
-        unet=UnetConfig(down_dims=[16, 32], step_embed_dim=16),
-        T_p=8, T_a=4,
-        **overrides,
-    )
-    cfg.cameras[0].height = cfg.cameras[0].width = 32
-    rng = np.random.default_rng(0)
-    cfg.normalizer = {"state": fit_stats(rng.uniform(-1, 2, (50, 2))),
-                      "action": fit_stats(rng.uniform(-3, 1, (50, 2)))}
-    cfg.validate()
-    return cfg
-
-
-def random_obs(cfg: PolicyConfig, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "images": {c.name: rng.integers(0, 256, (cfg.T_o, c.height, c.width, 3), dtype=np.uint8)
-                   for c in cfg.cameras},
-        "state": rng.uniform(-1, 1, (cfg.T_o, cfg.state_dim)).astype(np.float32),
-    }
-
-
 @pytest.fixture
 def checkpoint(tmp_path):
-    cfg = small_config()
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "ckpt", cfg, build_model(cfg))
-    return tmp_path / "ckpt"
+    return make_checkpoint(tmp_path / "ckpt")
 
 
 def test_policy_and_control_never_import_rclpy():

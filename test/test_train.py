@@ -26,14 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_POLICY = {"T_o": 2, "T_p": 8, "T_a": 4, "unet": {"down_dims": [16, 32], "step_embed_dim": 16}}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and do not collapse when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_train(**overrides) -> dict:
     cfg = {"batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "num_steps": 12, "checkpoint_every": 0,

@@ -30,7 +30,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy)
 
-from dp_ros.data.bags import STORAGES, BagError, BagWriter, default_typestore
+from dp_ros.data.bags import STORAGES, BagError, BagWriter
 from dp_ros.data.bags import make_qos as bag_qos
 
 NODE_NAME = "bag_recorder"
@@ -77,8 +77,9 @@ def qos_to_bag(profile: QoSProfile):
            ReliabilityPolicy.BEST_EFFORT: "best_effort"}.get(profile.reliability, "reliable")
     dur = {DurabilityPolicy.TRANSIENT_LOCAL: "transient_local"}.get(profile.durability,
                                                                     "volatile")
-    hist = "keep_all" if profile.history == HistoryPolicy.KEEP_ALL else "keep_last"
-    return bag_qos(rel, dur, max(int(profile.depth), 1), hist)
+    hist = {HistoryPolicy.KEEP_ALL: "keep_all", HistoryPolicy.UNKNOWN: "unknown",
+            HistoryPolicy.SYSTEM_DEFAULT: "system_default"}.get(profile.history, "keep_last")
+    return bag_qos(rel, dur, int(profile.depth), hist)
 
 
 def subscription_qos(offered: Sequence[QoSProfile]) -> QoSProfile:
