@@ -228,15 +228,24 @@ class ProcessGroup:
 
     children: list[Child]
     env: Optional[dict[str, str]] = None
+    log_dir: Optional[Path] = None  # children's output to <log_dir>/<name>.log, else ours
     failed: list[str] = field(default_factory=list)
 
     def start(self) -> None:
         import subprocess
         env = child_env(self.env)
         for child in self.children:
-            child.process = subprocess.Popen(
-                child.command, env=env, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            out = None
+            if self.log_dir is not None:
+                out = open(Path(self.log_dir) / f"{child.spec.name}.log", "wb")
+            try:
+                child.process = subprocess.Popen(
+                    child.command, env=env, start_new_session=True, stdout=out,
+                    stderr=subprocess.STDOUT if out is not None else None,
+                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            finally:
+                if out is not None:
+                    out.close()  # the child has its own descriptor
             _report(f"started {child.spec.name} (pid {child.process.pid})")
 
     def alive(self) -> list[Child]:

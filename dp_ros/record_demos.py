@@ -2,13 +2,13 @@
 recorded through ROS topics into a rosbag2 bag.
 
 sim_arm, the expert and the bag recorder run in this process on real rclpy topics,
-services and the ROS graph, all on simulated time (``use_sim_time``) that this module
-publishes on /clock in lock step: it advances the clock by ``clock_step`` and then runs
-every callback that became ready (timers that fell due, the messages they published,
-the recorder writing them) until nothing is left, before advancing again. So sim time
-runs as fast as the nodes can work (several times real time on a laptop), nothing is
-ever late or dropped, and a recording is reproducible from its seed: every message is
-received at the sim time it was stamped with.
+services and the ROS graph, all on simulated time (``use_sim_time``) driven here in
+lock step: advance the time by ``clock_step`` (10 ms), then run every callback that
+became ready (timers that fell due, the messages they published, the recorder taking
+them) until nothing is left, then advance again. So sim time runs as fast as the nodes
+can work (about 3-5x real time on 2 cores), nothing is ever late or dropped, and a
+recording is reproducible from its seed: every message is received at the sim time it
+was stamped with (bag time = header stamp).
 
 The bag holds the camera (sensor_msgs/Image), /joint_states (sensor_msgs/JointState),
 the expert's commands as actions (/expert/action, sensor_msgs/JointState stamped with
@@ -155,16 +155,22 @@ class LockstepClock:
         self.drain()
 
 
-def _sim_overrides(config: Optional[str]) -> dict:
+def _settings(config: Optional[str]) -> tuple[dict, float]:
+    """(sim_arm parameters, the expert's dt = the aggregator's tick period) from the
+    parameter file."""
     if config is None:
         from dp_ros.paths import config_file
         path = config_file("demo_robot.yaml")
         if not path.is_file():
-            return {}
+            return {}, 0.1
     else:
         path = Path(config)
     params = load_node_parameters(path, SIM_SECTION, required=False)
-    return {k: v for k, v in params.items() if k in SIM_PARAMETERS}
+    rate = float(load_node_parameters(path, "obs_aggregator", required=False)
+                 .get("rate_hz", 10.0))
+    if not rate > 0:
+        raise ParamsError(f"{path}: obs_aggregator rate_hz must be > 0, got {rate}")
+    return {k: v for k, v in params.items() if k in SIM_PARAMETERS}, 1.0 / rate
 
 
 def record_demos(out, episodes: int, storage: str = "mcap", seed: int = 0,
@@ -200,9 +206,8 @@ def record_demos(out, episodes: int, storage: str = "mcap", seed: int = 0,
             raise BagError(f"{out}: already exists (choose another --out or remove it)")
         import shutil
         shutil.rmtree(out) if out.is_dir() else out.unlink()
-    sim_params = _sim_overrides(config)
+    sim_params, dt = _settings(config)
     link_lengths = [float(v) for v in sim_params.get("link_lengths", [0.5, 0.5])]
-    n_joints = len(link_lengths)
 
     with _discovery_range(None if visible else "OFF"):
         context = rclpy.Context()
@@ -223,8 +228,9 @@ def record_demos(out, episodes: int, storage: str = "mcap", seed: int = 0,
             Parameter("episodes", value=int(episodes)),
             Parameter("seed", value=int(seed)),
             Parameter("settle_time", value=float(settle_time)),
-            # created at time 0 like its dt timer: it fires exactly on the ticks
-            Parameter("poll_period", value=0.1),
+            # commands on the observation ticks; the poll timer was created at time 0
+            # with period dt, so it fires exactly on them
+            Parameter("dt", value=dt), Parameter("poll_period", value=dt),
             Parameter("link_lengths", value=link_lengths),
             Parameter("max_joint_velocity",
                       value=float(sim_params.get("max_joint_velocity", 2.0))),
@@ -243,6 +249,9 @@ def record_demos(out, episodes: int, storage: str = "mcap", seed: int = 0,
                 Parameter("topics", value=list(topics)),
                 Parameter("types", value=[ty for ty, _ in topics.values()])])
         nodes.append(recorder)
+        for key, value in (("episodes", episodes), ("seed", seed),
+                           ("recorded_by", "dp-ros record-demos")):
+            recorder.writer.set_custom_data(f"dp_ros.{key}", str(value))
         driver = Node("record_demos_clock", **lean)
         nodes.append(driver)
         executor = SingleThreadedExecutor(context=context)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import shutil
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -29,6 +28,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 from rosbags.interfaces import (MessageDefinitionFormat, Qos, QosDurability, QosHistory,
                                 QosLiveliness, QosReliability, QosTime)
 from rosbags.rosbag2 import Reader, ReaderError, StoragePlugin, Writer, WriterError
+from rosbags.serde import SerdeError
 from rosbags.typesys import Stores, get_types_from_idl, get_types_from_msg, get_typestore
 
 PathLike = Union[str, Path]
@@ -43,7 +43,8 @@ class BagError(RuntimeError):
 
 
 def bag_error(path: PathLike, problem: str) -> BagError:
-    return BagError(f"{path}: {problem}")
+    """BagError "<path>: <problem>" on one line (library messages may span several)."""
+    return BagError(f"{path}: {' '.join(str(problem).split())}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,9 +131,6 @@ class BagReader:
             reader.open()
         except ReaderError as err:
             raise bag_error(path, _reader_problem(str(err))) from None
-        except (sqlite3.Error, OSError, ValueError, KeyError, TypeError, AssertionError) as err:
-            raise bag_error(path, f"corrupt or unreadable bag ({type(err).__name__}: {err})") \
-                from None
         except Exception as err:  # rosbags raises assorted types for damaged files
             raise bag_error(path, f"corrupt or unreadable bag ({type(err).__name__}: {err})") \
                 from None
@@ -204,12 +202,9 @@ class BagReader:
     @property
     def storage(self) -> str:
         """mcap or sqlite3."""
-        reader = self._check_open()
-        files = list(self.path.glob("*.db3")) if self.path.is_dir() else [self.path]
-        name = getattr(getattr(reader, "storage", None), "__class__", type(None)).__name__
-        if "Sqlite" in name or (files and str(files[0]).endswith(".db3")):
-            return "sqlite3"
-        return "mcap"
+        self._check_open()
+        files = list(self.path.iterdir()) if self.path.is_dir() else [self.path]
+        return "sqlite3" if any(f.suffix == ".db3" for f in files) else "mcap"
 
     def require(self, wanted: Mapping[str, Union[str, Sequence[str], None]],
                 what: Optional[Mapping[str, str]] = None) -> None:
@@ -261,8 +256,6 @@ class BagReader:
                 yield BagMessage(name, msgtype, int(stamp), bytes(raw))
         except BagError:
             raise
-        except GeneratorExit:
-            raise
         except ReaderError as err:
             raise bag_error(self.path, _reader_problem(str(err))) from None
         except Exception as err:
@@ -276,10 +269,30 @@ class BagReader:
         self._ensure_type(message.msgtype, message.topic)
         try:
             return self.typestore.deserialize_cdr(message.raw, message.msgtype)
+        except SerdeError as err:
+            if "size mismatch" not in str(err):
+                raise bag_error(self.path, f"cannot decode a {message.msgtype} message on "
+                                           f"{message.topic} at {message.stamp_ns} ns "
+                                           f"({err})") from None
+            # bytes after a complete message (rclpy's serialize_message leaves some):
+            # decode the message and ignore them
+            return self._decode_prefix(message)
         except Exception as err:
             raise bag_error(self.path, f"cannot decode a {message.msgtype} message on "
                                        f"{message.topic} at {message.stamp_ns} ns "
                                        f"({type(err).__name__}: {err})") from None
+
+    def _decode_prefix(self, message: BagMessage) -> Any:
+        raw = message.raw
+        msgdef = self.typestore.get_msgdef(message.msgtype)
+        func = msgdef.deserialize_cdr_le if raw[1] else msgdef.deserialize_cdr_be
+        try:
+            value, _ = func(memoryview(raw)[4:], 0, msgdef.cls, self.typestore)
+        except Exception as err:
+            raise bag_error(self.path, f"cannot decode a {message.msgtype} message on "
+                                       f"{message.topic} at {message.stamp_ns} ns "
+                                       f"({type(err).__name__}: {err})") from None
+        return value
 
     def _ensure_type(self, msgtype: str, topic: str) -> None:
         if msgtype in self._registered or msgtype in self.typestore.fielddefs:
@@ -358,6 +371,8 @@ class BagWriter:
             shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
         plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
         self._writer = Writer(self.path, version=BAG_VERSION, storage_plugin=plugin)
+        # never an empty custom_data: rosbag2 reads it as a string map
+        self._writer.set_custom_data("dp_ros.writer", "dp_ros.data.bags (rosbags)")
         self._connections: dict[str, Any] = {}
         self._open = False
         self.counts: dict[str, int] = {}
@@ -382,6 +397,10 @@ class BagWriter:
     @property
     def topics(self) -> dict[str, str]:
         return {t: c.msgtype for t, c in self._connections.items()}
+
+    def set_custom_data(self, key: str, value: str) -> None:
+        """A key/value pair for metadata.yaml's custom_data (strings)."""
+        self._writer.set_custom_data(str(key), str(value))
 
     def has_topic(self, topic: str) -> bool:
         return topic in self._connections

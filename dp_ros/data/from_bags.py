@@ -22,7 +22,14 @@ Parameter file (a standard ROS 2 one; sections ``<node>: ros__parameters: {...}`
   state_staleness, stamp_future_tolerance, tick_delay (the node's defaults where absent)
 - ``dataset`` (optional; CLI flags override): ``action_topic`` (default /expert/action),
   ``action_joint_names`` (default: policy_node's ``joint_names``, else the state joints),
-  ``episode_topic`` (default /episode), ``action_staleness`` (s, default 1.5 dt)
+  ``episode_topic`` (default /episode), ``action_staleness`` (s, default 1.5 dt). Write
+  it like a node section so ROS tools still accept the file::
+
+      dataset:
+        ros__parameters:
+          action_topic: /expert/action
+          action_joint_names: [joint_1, joint_2]
+          episode_topic: /episode
 
 Actions: sensor_msgs/JointState (joints by name, header stamp) or
 std_msgs/Float64MultiArray (values in action_joint_names order, bag time). The action of
@@ -39,14 +46,13 @@ T_o are dropped). Every skip is counted with its reason in the summary.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import yaml
@@ -296,17 +302,19 @@ class BagObservations:
                 raise self._fatal(stream, msg.topic, err) from None
             self.rejected[(stream, err.cause)] += 1
 
-    def ticks(self, progress=None) -> Iterator[tuple[int, Union[Observation, Invalid]]]:
-        """(tick_ns, Observation | Invalid) for every tick of the grid from the bag's first
-        observation message to its last, in order. ``progress``: called with the number
-        of messages consumed since the last call."""
+    def ticks(self, progress=None, start_ns: Optional[int] = None,
+              stop_ns: Optional[int] = None) -> Iterator[tuple[int, Union[Observation, Invalid]]]:
+        """(tick_ns, Observation | Invalid) for every tick of the grid from the first
+        observation message to the last (bag time in [start_ns, stop_ns) when given), in
+        order. ``progress``: called with the number of messages consumed since the last
+        call."""
         src = self.source
         dt_ns = self.grid.dt_ns
         delay_ns = int(round(src.tick_delay * 1e9))
         streams = ObservationStreams(src.spec(), horizon=src.horizon)
         k: Optional[int] = None
         last_b: Optional[int] = None
-        for msg in self.bag.messages(self.topics):
+        for msg in self.bag.messages(self.topics, start_ns=start_ns, stop_ns=stop_ns):
             b = msg.stamp_ns
             if k is None:
                 k = self.grid.index_at_or_before(b - delay_ns)
@@ -326,7 +334,8 @@ class BagObservations:
 
 
 def bag_windows(path: Union[str, os.PathLike, BagReader], source: ObsSource,
-                remap: Optional[Mapping[str, str]] = None) -> Iterator[dict]:
+                remap: Optional[Mapping[str, str]] = None, start_ns: Optional[int] = None,
+                stop_ns: Optional[int] = None) -> Iterator[dict]:
     """The observation windows the aggregator publishes when this bag is played:
     window dicts (images, state, stamps; dp_ros.control.window) in tick order."""
     bag = path if isinstance(path, BagReader) else open_bag(path, remap=remap)
@@ -334,7 +343,7 @@ def bag_windows(path: Union[str, os.PathLike, BagReader], source: ObsSource,
         walker = BagObservations(bag, source)
         walker.check()
         builder = WindowBuilder(source.T_o, source.dt)
-        for tick_ns, obs in walker.ticks():
+        for tick_ns, obs in walker.ticks(start_ns=start_ns, stop_ns=stop_ns):
             window = builder.push(tick_ns * 1e-9, obs)
             if window is not None:
                 yield window
@@ -443,6 +452,9 @@ def read_episodes(bag: BagReader, topic: str) -> tuple[list[EpisodeSpan], int]:
             spans.append(EpisodeSpan(len(spans), start.get("label"), start["stamp_ns"],
                                      stamp, info))
     incomplete += len(pending)
+    spans.sort(key=lambda e: e.start_ns)
+    for i, span in enumerate(spans):
+        span.index = i
     return spans, incomplete
 
 
@@ -538,7 +550,6 @@ def _add_bag(store: EpisodeStore, path: Path, obs_src: ObsSource, act_src: Actio
         actions = read_actions(bag, act_src, obs_src.dt)
         if len(actions) == 0:
             raise bag_error(path, f"no usable action on {act_src.topic}")
-        whole_bag = bool(episodes[0].info.get("whole_bag"))
         bar = None
         if progress:
             try:
@@ -553,7 +564,7 @@ def _add_bag(store: EpisodeStore, path: Path, obs_src: ObsSource, act_src: Actio
         rows: list = []
         for tick_ns, obs in walker.ticks(progress=bar.update if bar else None):
             while current is not None and tick_ns > current.end_ns:
-                _commit(store, current, rows, obs_src, summary, whole_bag)
+                _commit(store, current, rows, obs_src, summary)
                 rows = []
                 current = next(ep_iter, None)
             if current is None:
@@ -571,7 +582,7 @@ def _add_bag(store: EpisodeStore, path: Path, obs_src: ObsSource, act_src: Actio
                 continue
             rows.append((tick_ns, obs, action))
         if current is not None:
-            _commit(store, current, rows, obs_src, summary, whole_bag)
+            _commit(store, current, rows, obs_src, summary)
             for _ in ep_iter:
                 summary.skipped["episodes past the bag's end"] += 1
         if bar is not None:
@@ -581,7 +592,7 @@ def _add_bag(store: EpisodeStore, path: Path, obs_src: ObsSource, act_src: Actio
 
 
 def _commit(store: EpisodeStore, span: EpisodeSpan, rows: list, obs_src: ObsSource,
-            summary: DatasetSummary, whole_bag: bool) -> None:
+            summary: DatasetSummary) -> None:
     parts = _segments(rows, max(obs_src.T_o, 2))
     if not parts:
         summary.skipped["episodes without enough valid ticks"] += 1

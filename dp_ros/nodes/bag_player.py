@@ -196,10 +196,14 @@ def main_cli(args) -> int:
 
     try:
         remap = parse_remap(args.remap or [])
+        open_bag(args.bag, remap=remap).close()  # a bad bag: one line, before any ROS
     except ValueError as err:
         print(f"dp-ros play: {err}", file=sys.stderr)
         return 2
-    rclpy.init()
+    except BagError as err:
+        print(f"dp-ros play: {err}", file=sys.stderr)
+        return 1
+    rclpy.init(args=[])  # our options are not ROS arguments (FROM:=TO would be one)
     node = None
     player = None
     stop = threading.Event()

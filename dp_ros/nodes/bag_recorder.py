@@ -19,8 +19,12 @@ Run: ``python -m dp_ros.nodes.bag_recorder --ros-args -p output:=demo_bag
 from __future__ import annotations
 
 import importlib
+import queue
+import shutil
 import sys
+import threading
 from collections import Counter
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import rclpy
@@ -30,7 +34,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy)
 
-from dp_ros.data.bags import STORAGES, BagError, BagWriter
+from dp_ros.data.bags import STORAGES, BagError, BagWriter, default_typestore
 from dp_ros.data.bags import make_qos as bag_qos
 
 NODE_NAME = "bag_recorder"
@@ -96,6 +100,77 @@ def subscription_qos(offered: Sequence[QoSProfile]) -> QoSProfile:
                                   else DurabilityPolicy.VOLATILE))
 
 
+class _WriterThread:
+    """Owns the BagWriter: every disk operation happens on this one thread (sqlite3
+    connections may not change threads, and the executor should not wait for the disk).
+    Messages queue up in order; ``close`` drains the queue and finishes the bag."""
+
+    def __init__(self, output: str, storage: str):
+        self._queue: "queue.Queue" = queue.Queue()
+        self._ready = threading.Event()
+        self._error: Optional[BaseException] = None
+        self.path = Path(output)
+        self._thread = threading.Thread(target=self._run, args=(output, storage),
+                                        name="bag_writer", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self, output: str, storage: str) -> None:
+        try:
+            writer = BagWriter(output, storage).open()
+        except BaseException as err:
+            self._error = err
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    break
+                op, args = item
+                if op == "write":
+                    writer.write(*args)
+                elif op == "add":
+                    writer.add_topic(*args)
+                else:
+                    writer.set_custom_data(*args)
+            writer.close()
+        except BaseException as err:  # reported by close()
+            self._error = err
+            writer.abort()
+
+    def add_topic(self, topic: str, msgtype: str, qos) -> None:
+        self._queue.put(("add", (topic, msgtype, qos)))
+
+    def write(self, topic: str, stamp_ns: int, raw: bytes) -> None:
+        self._queue.put(("write", (topic, stamp_ns, raw)))
+
+    def set_custom_data(self, key: str, value: str) -> None:
+        self._queue.put(("custom", (key, value)))
+
+    def close(self) -> None:
+        """Write what is queued and finish the bag; re-raises a write error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise BagError(f"{self.path}: recording failed: {self._error}")
+
+    def abort(self) -> None:
+        """Stop and remove the partial bag."""
+        self.close_quietly()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def close_quietly(self) -> None:
+        try:
+            self.close()
+        except BagError:
+            pass
+
+
 class BagRecorder(Node):
     """``qos``: optional topic -> QoSProfile of the publishers (Python API), used for the
     subscription and the metadata of topics whose publishers are not in the graph yet."""
@@ -124,7 +199,7 @@ class BagRecorder(Node):
         for name in self._types.values():
             if name:
                 message_type(name)  # fail now on an unknown type
-        self.writer = BagWriter(p["output"], p["storage"]).open()
+        self.writer = _WriterThread(p["output"], p["storage"])
         self.counts: Counter[str] = Counter()
         self.newest_ns: dict[str, int] = {}
         self.dropped_before_clock = 0
@@ -165,6 +240,11 @@ class BagRecorder(Node):
 
     def _subscribe(self, topic: str, type_name: str) -> None:
         msg_type = message_type(type_name)
+        if type_name not in default_typestore().fielddefs:
+            self.get_logger().error(f"{topic}: {type_name} is not a standard ROS 2 type; "
+                                    "not recorded")
+            self._subs[topic] = None
+            return
         offered = [i.qos_profile for i in self.get_publishers_info_by_topic(topic)]
         if not offered and topic in self._qos:
             offered = [self._qos[topic]]
@@ -186,14 +266,18 @@ class BagRecorder(Node):
         self.newest_ns[topic] = now_ns
 
     def close(self) -> None:
-        """Finish the bag (metadata.yaml). Idempotent; called by destroy_node."""
+        """Finish the bag (metadata.yaml). Idempotent; called by destroy_node. BagError
+        if writing failed."""
         if not self._closed:
             self._closed = True
             self.writer.close()
             self.get_logger().info(f"{self.writer.path}: {sum(self.counts.values())} messages")
 
     def destroy_node(self):
-        self.close()
+        try:
+            self.close()
+        except BagError as err:
+            self.get_logger().error(str(err))
         return super().destroy_node()
 
 

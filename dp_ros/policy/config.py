@@ -39,9 +39,17 @@ class EncoderConfig:
     crop_shape: Optional[list[int]] = field(default_factory=lambda: [84, 84])
     random_crop: bool = True  # training only; inference always center-crops
     # pixels scaled to [0, 1], then: "symmetric" -> [-1, 1] (the reference code),
-    # "unit" -> left in [0, 1], "imagenet" -> mean/std with ImageNet statistics (LeRobot)
+    # "unit" -> left in [0, 1], "imagenet" -> mean/std with ImageNet statistics (LeRobot),
+    # "custom" -> (x - image_mean) / image_std per RGB channel (imported checkpoints)
     image_norm: str = "symmetric"
-    # LeRobot applies ReLU after the keypoint Linear; robomimic (the reference) does not
+    image_mean: Optional[list[float]] = None  # only with image_norm "custom"
+    image_std: Optional[list[float]] = None
+    # "spatial_softmax" -> keypoints then Linear to feature_dim (robomimic, LeRobot);
+    # "avg" -> global average pool, features = backbone channels (the reference code's
+    # MultiImageObsEncoder with a torchvision ResNet whose fc is removed), no Linear
+    pool: str = "spatial_softmax"
+    # ReLU after the keypoint Linear: LeRobot, and robomimic's ObservationEncoder (the reference
+    # code's hybrid policies: feature_activation=nn.ReLU by default); the native default is none
     feature_activation: str = "none"  # or "relu"
     # order of the per-step conditioning vector: reference = images then state; LeRobot = state first
     state_first: bool = False
@@ -56,6 +64,9 @@ class UnetConfig:
     n_groups: int = 8
     step_embed_dim: int = 128
     cond_predict_scale: bool = True
+    # groups of the GroupNorm in the final Conv1dBlock; None -> n_groups. The reference code
+    # and LeRobot always use 8 there, whatever n_groups is (importers set it)
+    final_n_groups: Optional[int] = None
 
 
 @dataclass
@@ -183,8 +194,20 @@ class PolicyConfig:
         enc = self.encoder
         need(enc.backbone == "resnet18", f"encoder.backbone {enc.backbone!r} is not supported (resnet18)")
         need(enc.norm in ("group", "batch"), f"encoder.norm must be 'group' or 'batch', got {enc.norm!r}")
-        need(enc.image_norm in ("symmetric", "unit", "imagenet"),
-             f"encoder.image_norm must be 'symmetric', 'unit' or 'imagenet', got {enc.image_norm!r}")
+        need(enc.image_norm in ("symmetric", "unit", "imagenet", "custom"),
+             f"encoder.image_norm must be 'symmetric', 'unit', 'imagenet' or 'custom', got {enc.image_norm!r}")
+        if enc.image_norm == "custom":
+            for n in ("image_mean", "image_std"):
+                v = getattr(enc, n)
+                need(v is not None and len(v) == 3 and all(math.isfinite(x) for x in v),
+                     f"encoder.{n} must be 3 finite numbers with image_norm 'custom', got {v!r}")
+            need(all(x > 0 for x in enc.image_std), f"encoder.image_std must be positive, got {enc.image_std}")
+        need(enc.pool in ("spatial_softmax", "avg"),
+             f"encoder.pool must be 'spatial_softmax' or 'avg', got {enc.pool!r}")
+        if enc.pool == "avg":
+            need(enc.feature_dim == 8 * enc.width,
+                 f"encoder.pool 'avg' outputs the backbone's {8 * enc.width} channels: "
+                 f"encoder.feature_dim must be {8 * enc.width}, got {enc.feature_dim}")
         need(enc.feature_activation in ("none", "relu"),
              f"encoder.feature_activation must be 'none' or 'relu', got {enc.feature_activation!r}")
         need(enc.num_keypoints > 0 and enc.feature_dim > 0, "encoder sizes must be positive")
@@ -196,6 +219,8 @@ class PolicyConfig:
         need(all(d % u.n_groups == 0 for d in u.down_dims),
              f"unet.down_dims {u.down_dims} must be divisible by unet.n_groups {u.n_groups}")
         need(u.kernel_size % 2 == 1, f"unet.kernel_size must be odd, got {u.kernel_size}")
+        need(u.final_n_groups is None or (u.final_n_groups > 0 and u.down_dims[0] % u.final_n_groups == 0),
+             f"unet.final_n_groups {u.final_n_groups} must divide unet.down_dims[0] {u.down_dims[0]}")
         if self.denoiser == "unet":
             factor = 2 ** (len(u.down_dims) - 1)
             need(self.T_p % factor == 0,

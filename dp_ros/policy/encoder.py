@@ -40,8 +40,12 @@ class CameraEncoder(nn.Module):
         super().__init__()
         self.backbone = ResNet18Trunk(enc.norm, enc.width)
         h, w = ResNet18Trunk.output_size(in_height, in_width)
-        self.pool = SpatialSoftmax(self.backbone.out_channels, h, w, enc.num_keypoints)
-        self.out = nn.Linear(enc.num_keypoints * 2, enc.feature_dim)
+        if enc.pool == "avg":  # global average pool, no projection (feature_dim = channels)
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+            self.out = nn.Identity()
+        else:
+            self.pool = SpatialSoftmax(self.backbone.out_channels, h, w, enc.num_keypoints)
+            self.out = nn.Linear(enc.num_keypoints * 2, enc.feature_dim)
         self.relu = enc.feature_activation == "relu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +73,8 @@ class ObsEncoder(nn.Module):
         else:
             self.encoders = nn.ModuleList([CameraEncoder(enc, *in_hw[n]) for n in self.camera_names])
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if enc.image_norm == "imagenet" else ((0.0,) * 3, (1.0,) * 3)
+        if enc.image_norm == "custom":
+            mean, std = tuple(enc.image_mean), tuple(enc.image_std)
         scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
         offset = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
         if enc.image_norm == "symmetric":

@@ -106,7 +106,8 @@ class ConditionalUnet1D(nn.Module):
                 block(d_out * 2, d_in), block(d_in, d_in), Upsample1d(d_in)]))
         start = cfg.down_dims[0]
         self.final_conv = nn.Sequential(
-            Conv1dBlock(start, start, cfg.kernel_size, cfg.n_groups), nn.Conv1d(start, action_dim, 1))
+            Conv1dBlock(start, start, cfg.kernel_size, cfg.final_n_groups or cfg.n_groups),
+            nn.Conv1d(start, action_dim, 1))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int,
                 global_cond: torch.Tensor) -> torch.Tensor:

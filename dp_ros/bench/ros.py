@@ -1,0 +1,446 @@
+"""`dp-ros bench ros`: the node pipeline's own cost, over real DDS between processes.
+
+Setup (every part its own process, on a ROS domain of the bench's own, localhost only):
+- source: 2 cameras 240x320 rgb8 at 30 Hz and 6-joint joint states at 500 Hz. Camera
+  frames are stamped on the 30 Hz grid (every third one on a 10 Hz tick, like a camera
+  triggered in step with the observation clock) and published within ~2 ms of their stamp;
+  the source logs each frame's stamp and publish time.
+- obs_aggregator, policy_node (a small 2-camera policy so the run stays short; it replans
+  every 2 ticks, so plans do not queue behind a slow inference) and trajectory_executor (position_stream at 100 Hz), started by the same
+  machinery as `dp-ros up`.
+- this process: a recorder subscribed to the plans, the commands, the windows and
+  /diagnostics, using each message's DDS source timestamp (its publish time).
+
+Figures
+- pipeline overhead excluding inference, per plan: (plan published - stamp of the newest
+  camera frame the window contains) - inference time. The newest frame is the newest one
+  stamped at or before the plan's tick that was published before the aggregator published
+  the window; the inference time of each plan comes from the policy node's diagnostics
+  (plan_latency_last, with plans_published identifying the plan). Split into: camera
+  stamp -> tick, tick -> window published (aggregator), window -> plan published minus
+  inference (DDS hop + policy node).
+- command period jitter: |period - 10 ms| between consecutive executor commands, from
+  their source timestamps (and, for reference, from receive times here).
+Targets (2-core machine): overhead p99 <= 5 ms, jitter p99 <= 1 ms. Printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from dp_ros import bringup
+
+CAMERAS = ("cam0", "cam1")
+JOINTS = ("shoulder_pan_joint", "shoulder_lift_joint", "elbow_joint", "wrist_1_joint",
+          "wrist_2_joint", "wrist_3_joint")
+RAW_H, RAW_W = 240, 320
+CAMERA_PERIOD_NS = 100_000_000 / 3  # 30 Hz, phase-locked to the 10 Hz ticks
+JOINT_STATE_PERIOD = 0.002          # 500 Hz
+CONTROL_PERIOD_NS = 10_000_000      # executor at 100 Hz
+COMMAND_TOPIC = "/bench/commands"
+TARGET_OVERHEAD_P99_MS = 5.0
+TARGET_JITTER_P99_MS = 1.0
+
+
+# ----------------------------------------------------------------------------- the policy
+
+def bench_policy_config():
+    """2 cameras 96x96 (crop 84), 6 joints, a narrow U-Net, DDIM 10: small enough that a
+    plan takes tens of ms on a CPU, so the run stays short."""
+    from dp_ros.policy.config import CameraConfig, EncoderConfig, PolicyConfig, UnetConfig
+    from dp_ros.policy.normalizer import fit_stats
+    cfg = PolicyConfig(cameras=[CameraConfig(name=c, height=96, width=96) for c in CAMERAS],
+                       state_names=list(JOINTS), action_names=list(JOINTS),
+                       encoder=EncoderConfig(crop_shape=[84, 84], num_keypoints=16,
+                                             feature_dim=32),
+                       unet=UnetConfig(down_dims=[64, 128], step_embed_dim=64))
+    rng = np.random.default_rng(0)
+    cfg.normalizer = {"state": fit_stats(rng.uniform(-1, 1, (64, cfg.state_dim))),
+                      "action": fit_stats(rng.uniform(-1, 1, (64, cfg.action_dim)))}
+    cfg.validate()
+    return cfg
+
+
+def write_bench_policy(directory: Path) -> Path:
+    import torch
+
+    from dp_ros.policy import save_checkpoint
+    from dp_ros.policy.model import build_model
+    cfg = bench_policy_config()
+    torch.manual_seed(0)
+    save_checkpoint(directory, cfg, build_model(cfg))
+    return directory
+
+
+def bench_parameters(policy_path: Path, device: str) -> dict:
+    return {
+        "obs_aggregator": {"ros__parameters": {
+            "camera_names": list(CAMERAS),
+            "camera_topics": [f"/bench/{c}/image_raw" for c in CAMERAS],
+            "compressed": [False] * len(CAMERAS), "camera_height": 96, "camera_width": 96,
+            "joint_states_topic": "/bench/joint_states", "state_joint_names": list(JOINTS),
+            "rate_hz": 10.0, "T_o": 2, "camera_staleness": 0.1, "state_staleness": 0.02}},
+        "policy_node": {"ros__parameters": {
+            "policy_path": str(policy_path), "device": device, "joint_names": list(JOINTS),
+            "replan_every": 2, "diagnostics_period": 0.02}},
+        "trajectory_executor": {"ros__parameters": {
+            "joint_names": list(JOINTS), "joint_states_topic": "/bench/joint_states",
+            "output_mode": "position_stream", "command_topic": COMMAND_TOPIC,
+            "control_rate_hz": 1e9 / CONTROL_PERIOD_NS, "max_velocity": 10.0,
+            "actuation_lead": 0.02, "autostart": True}},
+    }
+
+
+# ----------------------------------------------------------------------------- the source
+
+def run_source(log_path: str) -> int:
+    """The sensor process: joint states at 500 Hz; a camera frame whenever the 30 Hz grid
+    advances (checked at every joint-state step, so it goes out within ~2 ms of its stamp).
+    Runs until SIGINT/SIGTERM, then writes {camera: [[stamp_ns, publish_ns], ...]}."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import qos_profile_sensor_data
+    from rclpy.signals import SignalHandlerOptions
+    from sensor_msgs.msg import Image, JointState
+
+    from dp_ros.nodes.window_msgs import ns_to_stamp
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    node = rclpy.create_node("bench_source")
+    cam_pubs = {c: node.create_publisher(Image, f"/bench/{c}/image_raw", qos_profile_sensor_data)
+                for c in CAMERAS}
+    js_pub = node.create_publisher(JointState, "/bench/joint_states", 10)
+    rng = np.random.default_rng(0)
+    images = {}
+    for c in CAMERAS:  # one message per camera, only the stamp changes
+        msg = Image(height=RAW_H, width=RAW_W, encoding="rgb8", step=RAW_W * 3)
+        msg.data = rng.integers(0, 256, (RAW_H, RAW_W, 3), dtype=np.uint8).tobytes()
+        msg.header.frame_id = c
+        images[c] = msg
+    js = JointState(name=list(JOINTS))
+    log: dict[str, list[list[int]]] = {c: [] for c in CAMERAS}
+    last_slot = [None]
+    clock = node.get_clock()
+
+    def step():
+        now = clock.now().nanoseconds
+        js.header.stamp = ns_to_stamp(now)
+        t = (now % 10_000_000_000) * 1e-9
+        js.position = [0.3 * np.sin(0.5 * t + i) for i in range(len(JOINTS))]
+        js_pub.publish(js)
+        slot = int(now // CAMERA_PERIOD_NS)
+        if slot != last_slot[0]:
+            last_slot[0] = slot
+            stamp = int(slot * 100_000_000 // 3)  # exact on every third slot = a tick
+            for c, msg in images.items():
+                msg.header.stamp = ns_to_stamp(stamp)
+                cam_pubs[c].publish(msg)
+                log[c].append([stamp, clock.now().nanoseconds])
+
+    node.create_timer(JOINT_STATE_PERIOD, step)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        while not stop.is_set():
+            executor.spin_once(timeout_sec=0.05)
+    finally:
+        Path(log_path).write_text(json.dumps(log))
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+# ----------------------------------------------------------------------------- the recorder
+
+@dataclass
+class Recorder:
+    """Subscriptions of the bench process; every entry keeps the DDS source timestamp."""
+
+    plans: list[tuple[int, int, int]] = field(default_factory=list)  # (stamp, pub, recv) ns
+    commands: list[tuple[int, int]] = field(default_factory=list)    # (pub, recv) ns
+    windows: dict[int, int] = field(default_factory=dict)            # newest tick -> pub ns
+    diagnostics: list[tuple[int, float, float]] = field(default_factory=list)  # (n, L, age)
+    executor_status: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def attach(self, node) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from std_msgs.msg import Float64MultiArray
+        from trajectory_msgs.msg import JointTrajectory
+
+        from dp_ros.nodes.window_msgs import WINDOW_QOS, window_state_topic
+        reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        node.create_subscription(JointTrajectory, "/policy_node/plan", self._on_plan, reliable)
+        node.create_subscription(Float64MultiArray, COMMAND_TOPIC, self._on_command, reliable)
+        node.create_subscription(JointTrajectory, window_state_topic("/obs_aggregator"),
+                                 self._on_window, WINDOW_QOS)
+        node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 100)
+
+    @staticmethod
+    def _stamp(msg) -> int:
+        return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+
+    def _on_plan(self, msg, info) -> None:
+        with self.lock:
+            self.plans.append((self._stamp(msg), info["source_timestamp"],
+                               info["received_timestamp"]))
+
+    def _on_command(self, msg, info) -> None:
+        with self.lock:
+            self.commands.append((info["source_timestamp"], info["received_timestamp"]))
+
+    def _on_window(self, msg, info) -> None:
+        newest = self._stamp(msg) + (len(msg.points) - 1) * 100_000_000
+        with self.lock:
+            self.windows[newest] = info["source_timestamp"]
+
+    def _on_diagnostics(self, msg) -> None:
+        for status in msg.status:
+            values = {kv.key: kv.value for kv in status.values}
+            if status.name.startswith("policy_node") and "plans_published" in values:
+                try:
+                    entry = (int(values["plans_published"]),
+                             float(values["plan_latency_last"]), float(values["plan_age_last"]))
+                except ValueError:  # "None" before the first plan
+                    continue
+                with self.lock:
+                    self.diagnostics.append(entry)
+            elif "executor" in status.name:
+                with self.lock:
+                    self.executor_status = values
+
+
+# ----------------------------------------------------------------------------- analysis
+
+def percentiles(values, qs=(50, 99)) -> list[float]:
+    return [float(np.percentile(values, q)) for q in qs] if len(values) else [float("nan")] * len(qs)
+
+
+def inference_per_plan(diagnostics: list[tuple[int, float, float]]) -> dict[int, tuple[float, float]]:
+    """plans_published n -> (inference s, plan age s) of plan n, from diagnostics snapshots
+    seen at least twice alike (a snapshot taken between the two updates of one plan is
+    never repeated, so it is discarded)."""
+    seen: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for n, latency, age in diagnostics:
+        seen[n].append((latency, age))
+    out = {}
+    for n, entries in seen.items():
+        if len(entries) >= 2 and entries[-1] == entries[-2]:
+            out[n] = entries[-1]
+    return out
+
+
+@dataclass
+class BenchResult:
+    overhead_ms: np.ndarray
+    camera_to_tick_ms: np.ndarray
+    aggregator_ms: np.ndarray
+    policy_overhead_ms: np.ndarray
+    inference_ms: np.ndarray
+    jitter_ms: np.ndarray
+    jitter_recv_ms: np.ndarray
+    commands: int
+    missed_periods: int
+    plans: int
+    seconds: float
+
+
+def analyse(rec: Recorder, frames: dict[str, list[list[int]]], t_start: int, t_end: int
+            ) -> BenchResult:
+    with rec.lock:
+        plans = list(rec.plans)
+        commands = list(rec.commands)
+        windows = dict(rec.windows)
+        diag = list(rec.diagnostics)
+    per_plan = inference_per_plan(diag)
+    # plan n of the diagnostics is the n-th plan published; if the recorder matched the
+    # policy node only after its first plan(s), find that offset from the plan ages
+    def consistent(offset: int) -> int:
+        return sum(1 for i, (stamp, pub, _) in enumerate(plans)
+                   if (i + 1 + offset) in per_plan
+                   and abs((pub - stamp) * 1e-9 - per_plan[i + 1 + offset][1]) <= 0.005)
+    offset = max(range(6), key=consistent)
+    frame_arr = {c: np.array(v, dtype=np.int64).reshape(-1, 2) for c, v in frames.items()}
+    overhead, cam_tick, agg, pol, inf = [], [], [], [], []
+    for n, (stamp, pub, _) in enumerate(plans, start=1 + offset):
+        if not t_start <= pub <= t_end or n not in per_plan:
+            continue
+        latency, age = per_plan[n]
+        if abs((pub - stamp) * 1e-9 - age) > 0.005:
+            continue  # the diagnostics entry is not this plan (a plan the recorder missed)
+        window_pub = windows.get(stamp)
+        newest = None
+        for arr in frame_arr.values():
+            ok = arr[:, 0] <= stamp
+            if window_pub is not None:
+                ok &= arr[:, 1] < window_pub
+            if ok.any():
+                s = int(arr[ok, 0].max())
+                newest = s if newest is None else max(newest, s)
+        if newest is None:
+            continue
+        overhead.append((pub - newest) * 1e-6 - latency * 1e3)
+        cam_tick.append((stamp - newest) * 1e-6)
+        inf.append(latency * 1e3)
+        if window_pub is not None:
+            agg.append((window_pub - stamp) * 1e-6)
+            pol.append((pub - window_pub) * 1e-6 - latency * 1e3)
+    pubs = np.array(sorted(p for p, _ in commands if t_start <= p <= t_end), dtype=np.int64)
+    recvs = np.array(sorted(r for p, r in commands if t_start <= p <= t_end), dtype=np.int64)
+    periods = np.diff(pubs)
+    jitter = np.abs(periods - CONTROL_PERIOD_NS) * 1e-6
+    jitter_recv = np.abs(np.diff(recvs) - CONTROL_PERIOD_NS) * 1e-6
+    return BenchResult(np.array(overhead), np.array(cam_tick), np.array(agg), np.array(pol),
+                       np.array(inf), jitter, jitter_recv, len(pubs),
+                       int(np.sum(periods > 1.5 * CONTROL_PERIOD_NS)),
+                       sum(1 for _, p, _ in plans if t_start <= p <= t_end),
+                       (t_end - t_start) * 1e-9)
+
+
+def report(r: BenchResult, load: Optional[tuple[float, float]] = None) -> str:
+    def row(label, values, target=None):
+        p50, p99 = percentiles(values)
+        tail = f"   target p99 <= {target:g} ms" if target is not None else ""
+        return f"  {label:<46}{p50:>8.2f}{p99:>9.2f}   (n={len(values)}){tail}"
+    lines = [
+        f"measured {r.seconds:.1f} s: {r.plans} plans, {r.commands} commands",
+        f"  {'':<46}{'p50 ms':>8}{'p99 ms':>9}",
+        row("pipeline overhead excl. inference", r.overhead_ms, TARGET_OVERHEAD_P99_MS),
+        row("  camera stamp -> tick (frame age at the tick)", r.camera_to_tick_ms),
+        row("  tick -> window published (aggregator)", r.aggregator_ms),
+        row("  window -> plan published - inference", r.policy_overhead_ms),
+        row("inference (policy node diagnostics)", r.inference_ms),
+        row("command period jitter |T - 10 ms| (publish)", r.jitter_ms, TARGET_JITTER_P99_MS),
+        row("  same, from receive times in this process", r.jitter_recv_ms),
+        f"  command periods > 15 ms: {r.missed_periods} of {max(r.commands - 1, 0)}",
+    ]
+    if load is not None:
+        lines.append(f"  load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
+                     f"on {os.cpu_count()} CPUs (other work on the machine skews the figures)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _wait(cond, timeout: float, group: bringup.ProcessGroup, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        for child in group.poll():
+            raise RuntimeError(f"{child.spec.name} exited with code {child.returncode} "
+                               f"while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
+        domain_id: Optional[int] = None) -> int:
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    domain = domain_id if domain_id is not None else 150 + os.getpid() % 80
+    os.environ["ROS_DOMAIN_ID"] = str(domain)
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    env = bringup.child_env()
+    with tempfile.TemporaryDirectory(prefix="dp_ros_bench_") as tmp:
+        tmp_path = Path(tmp)
+        print(f"bench ros: ROS domain {domain} (localhost only), policy on {device}; "
+              f"writing a small 2-camera policy ...", flush=True)
+        policy = write_bench_policy(tmp_path / "policy")
+        params = tmp_path / "bench.yaml"
+        import yaml
+        params.write_text(yaml.safe_dump(bench_parameters(policy, device), sort_keys=False))
+        frame_log = tmp_path / "frames.json"
+
+        load_before = os.getloadavg()[0]
+        rclpy.init(domain_id=domain)
+        node = rclpy.create_node("bench_recorder")
+        rec = Recorder()
+        rec.attach(node)
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        spinning = threading.Event()
+        spinning.set()
+
+        def spin():
+            while spinning.is_set():
+                executor.spin_once(timeout_sec=0.05)
+        spinner = threading.Thread(target=spin, daemon=True)
+        spinner.start()
+
+        source = bringup.NodeSpec("bench_source", "", "dp_ros.bench.ros", "")
+        children = [bringup.Child(source, [sys.executable, "-m", "dp_ros.bench.ros", "source",
+                                           str(frame_log)])]
+        for spec in (bringup.node_spec(n) for n in ("obs_aggregator", "policy_node",
+                                                    "trajectory_executor")):
+            children.append(bringup.Child(spec, bringup.process_command(spec, params)))
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        group = bringup.ProcessGroup(children, env=env, log_dir=logs)
+        code = 1
+        try:
+            group.start()
+            print("waiting for the first plans ...", flush=True)
+            _wait(lambda: len(rec.plans) >= 5, 180.0, group, "plans")
+            print(f"warming up {warmup:g} s, then measuring {seconds:g} s ...", flush=True)
+            time.sleep(warmup)
+            t_start = time.time_ns()  # measurement window on the system clock = the stamps'
+            _wait(lambda: time.time_ns() - t_start >= seconds * 1e9, seconds + 30, group,
+                  "the measurement")
+            t_end = time.time_ns()
+            code = 0
+        except RuntimeError as err:
+            print(f"bench ros: {err}", file=sys.stderr)
+            for log in sorted(logs.glob("*.log")):
+                tail = log.read_text(errors="replace").splitlines()[-15:]
+                print(f"--- {log.name} (last lines)\n" + "\n".join(tail), file=sys.stderr)
+        finally:
+            group.stop()
+            spinning.clear()
+            spinner.join(5)
+            executor.shutdown()
+            node.destroy_node()
+            rclpy.try_shutdown()
+        if code:
+            return code
+        frames = json.loads(frame_log.read_text()) if frame_log.exists() else {}
+        if not frames:
+            print("bench ros: the source wrote no frame log", file=sys.stderr)
+            return 1
+        result = analyse(rec, frames, t_start, t_end)
+        print(report(result, (load_before, os.getloadavg()[0])))
+        status = rec.executor_status
+        if status:
+            print(f"  executor: {status.get('status')}, plans accepted "
+                  f"{status.get('plans_accepted')}, late points dropped "
+                  f"{status.get('late_points')}")
+        return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "source":
+        return run_source(argv[1])
+    print("usage: python -m dp_ros.bench.ros source FRAME_LOG  (use `dp-ros bench ros`)",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
