@@ -73,6 +73,11 @@ def cmd_record_demos(args: argparse.Namespace) -> int:
     return record_main(args)
 
 
+def cmd_eval_bag(args: argparse.Namespace) -> int:
+    from .evaluate_bag import main as eval_main
+    return eval_main(args)
+
+
 def cmd_play(args: argparse.Namespace) -> int:
     from .nodes.bag_player import main_cli as play_main
     return play_main(args)
@@ -139,6 +144,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let other ROS processes see the recording's topics (default: hidden)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_record_demos)
+
+    p = sub.add_parser("eval-bag", help="evaluate a policy offline on recorded bags "
+                       "(windows rebuilt with the aggregator's code, plans vs recorded actions)")
+    p.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 bags (MCAP or sqlite3)")
+    p.add_argument("--policy", required=True, help="checkpoint directory")
+    p.add_argument("--config", default="demo_robot.yaml",
+                   help="parameter file with the obs_aggregator (and optional dataset) "
+                        "sections (default: config/demo_robot.yaml)")
+    p.add_argument("--topics", nargs="+", metavar="FROM:=TO", default=[],
+                   help="rename recorded topics to the configured names")
+    p.add_argument("--start", type=float, metavar="S", help="from S seconds into the bag")
+    p.add_argument("--end", type=float, metavar="S", help="to S seconds into the bag")
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed (>= 0): plans equal policy_node's with the same seed")
+    p.add_argument("--replan-every", type=int, metavar="N",
+                   help="plan every N ticks (default: the checkpoint's T_a)")
+    p.add_argument("--action-topic", help="recorded actions (default: the config's dataset "
+                   "section, else /expert/action)")
+    p.add_argument("--episode-topic", help="episode boundaries (default /episode)")
+    p.add_argument("--device", default="cpu", help="inference device (default cpu)")
+    p.add_argument("--out", type=Path, default=Path("eval-bag"),
+                   help="directory for eval.json and the PNG plots (default ./eval-bag)")
+    p.add_argument("--no-output", action="store_true", help="terminal table only")
+    p.add_argument("--no-plots", action="store_true", help="JSON but no PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval_bag)
 
     p = sub.add_parser("play", help="publish a bag's messages on live topics (and /clock)")
     p.add_argument("bag", help="rosbag2 bag (MCAP or sqlite3)")
