@@ -93,7 +93,6 @@ def test_replayed_bag_gives_eval_bag_plans_and_loops_are_survived(eval_assets,  
     stats = {}
     player_thread = threading.Thread(target=lambda: stats.update(s=player.play(stop)),
                                      daemon=True)
-    seen_hold_after_jump = []
     try:
         assert player.wait_for_subscribers(TIMEOUT), "aggregator never subscribed"
         wait_for(lambda: policy_node.count_subscribers("/policy_node/plan") >= 0
@@ -102,9 +101,6 @@ def test_replayed_bag_gives_eval_bag_plans_and_loops_are_survived(eval_assets,  
         player_thread.start()
 
         def looped_and_planning_again():
-            pe = executor_node.plan_executor
-            if pe.clock_jumps and pe.status != "tracking":
-                seen_hold_after_jump.append(pe.cause)
             if aggregator.stats["clock_resets"] < 1 or not live:
                 return False
             # plans of the second pass: stamps below the last stamp of the first pass
@@ -134,5 +130,5 @@ def test_replayed_bag_gives_eval_bag_plans_and_loops_are_survived(eval_assets,  
     assert aggregator.stats["clock_resets"] >= 1
     assert policy_node.stats["clock_jumps_back"] >= 1
     assert executor_node.plan_executor.clock_jumps >= 1
-    assert any(c in ("clock_jump", "stale", "ran_out", "no_plan") for c in seen_hold_after_jump) \
-        or executor_node.plan_executor.clock_jumps >= 1
+    # ... and the executor dropped its plan (holding) because of it, not for another reason
+    assert "clock_jump" in executor_node.plan_executor.hold_causes

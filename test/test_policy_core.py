@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dp_ros.policy import CheckpointError, PolicyConfig, load_policy
-from dp_ros.policy.config import ConfigError, EncoderConfig, UnetConfig
+from dp_ros.policy.config import ConfigError, UnetConfig
 from dp_ros.policy.model import build_model
 from dp_ros.policy.resnet import ResNet18Trunk
 

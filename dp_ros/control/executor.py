@@ -17,6 +17,7 @@ and new references over `crossfade_steps` control steps to smooth the velocity c
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -108,6 +109,7 @@ class PlanExecutor:
         self._latest_stamp = -math.inf
         self._reason, self._cause = "disabled: waiting for enable", "disabled"
         self.clock_jumps = 0
+        self.hold_causes: deque[str] = deque(maxlen=64)  # why the plan was last dropped, newest last
 
     # ---- configuration -------------------------------------------------------------
     def configure(self, *, actuation_lead: float | None = None,
@@ -344,3 +346,4 @@ class PlanExecutor:
     def _clear(self, reason: str, cause: str) -> None:
         self._ref = self._fade = None
         self._reason, self._cause = reason, cause
+        self.hold_causes.append(cause)

@@ -29,13 +29,13 @@ from typing import Mapping, Optional, Sequence
 
 import rclpy
 from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor, ParameterType
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy)
 
 from dp_ros.data.bags import STORAGES, BagError, BagWriter, default_typestore
 from dp_ros.data.bags import make_qos as bag_qos
+from dp_ros.nodes.run import run_node
 
 NODE_NAME = "bag_recorder"
 RECORD_DEPTH = 100  # subscription queue: a slow disk must not drop messages at once
@@ -282,22 +282,8 @@ class BagRecorder(Node):
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    try:
-        try:
-            node = BagRecorder()
-        except (ValueError, BagError) as err:
-            print(f"{NODE_NAME}: {err}", file=sys.stderr)
-            return 1
-        try:
-            rclpy.spin(node)
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass
-        finally:
-            node.destroy_node()
-    finally:
-        rclpy.try_shutdown()
-    return 0
+    return run_node(BagRecorder, NODE_NAME, args,
+                    startup_errors=(ValueError, BagError))
 
 
 if __name__ == "__main__":

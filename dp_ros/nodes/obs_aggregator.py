@@ -16,13 +16,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import rclpy
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 ParameterType)
 from rclpy.clock import ClockChange, JumpThreshold, TimeJump
 from rclpy.duration import Duration
-from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -38,9 +35,11 @@ from dp_ros.nodes.image_conv import compressed_to_numpy, image_to_numpy
 from dp_ros.nodes.window_msgs import (WINDOW_QOS, encode_window, stamp_to_ns,
                                       validate_camera_name, window_image_topic,
                                       window_state_topic)
+from dp_ros.nodes.run import run_node
 
 NODE_NAME = "obs_aggregator"
-POLLS_PER_TICK = 4  # the timer polls this often per dt: a tick is handled <= dt/4 late
+POLLS_PER_TICK = 4  # before the clock runs, the timer polls this often per dt
+MIN_REARM_NS = 200_000  # never re-arm the tick timer closer than this (0.2 ms)
 JOINT_STATES_QOS = QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT)
 
 
@@ -276,7 +275,20 @@ class ObsAggregator(Node):
     def _on_tick(self) -> None:
         now_ns = self.get_clock().now().nanoseconds
         if now_ns == 0:
-            return  # simulated time has not started
+            return  # simulated time has not started: keep polling
+        try:
+            self._evaluate_ticks(now_ns)
+        finally:
+            self._arm_next_tick(now_ns)
+
+    def _arm_next_tick(self, now_ns: int) -> None:
+        """Fire exactly at the next grid tick (+ tick_delay) instead of polling, so a
+        window leaves within the executor's jitter of its tick, not up to a poll late."""
+        due_ns = self.grid.stamp_ns(self.grid.index_at_or_before(now_ns - self._delay_ns) + 1) + self._delay_ns
+        self._timer.timer_period_ns = max(due_ns - now_ns, MIN_REARM_NS)
+        self._timer.reset()
+
+    def _evaluate_ticks(self, now_ns: int) -> None:
         window = None
         with self._lock:
             if self._last_now_ns is not None and now_ns < self._last_now_ns:
@@ -373,22 +385,7 @@ class ObsAggregator(Node):
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    try:
-        try:
-            node = ObsAggregator()
-        except (ValueError, ParameterException) as err:  # a bad parameter: say which, stop
-            print(f"{NODE_NAME}: {err}", file=sys.stderr)
-            return 1
-        try:
-            rclpy.spin(node)
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass  # Ctrl-C or shutdown from elsewhere: a clean stop
-        finally:
-            node.destroy_node()
-    finally:
-        rclpy.try_shutdown()
-    return 0
+    return run_node(ObsAggregator, NODE_NAME, args)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,8 @@ import threading
 from collections import Counter
 from typing import Optional
 
-import rclpy
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 ParameterType, SetParametersResult)
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -60,6 +58,7 @@ from dp_ros.policy import CheckpointError, Policy, PolicyConfig, load_policy
 from dp_ros.policy.inference import resolve_device
 from dp_ros.policy.runner import LatencyStats, PlanJob, PlanOutcome, PlanRunner
 from dp_ros.policy.swap import LoadOutcome, PolicyLoader, SwapError, validate_swap
+from dp_ros.nodes.run import STARTUP_ERRORS, run_node
 
 NODE_NAME = "policy_node"
 PLAN_QOS = QoSProfile(depth=4, reliability=ReliabilityPolicy.RELIABLE)
@@ -415,21 +414,8 @@ class PolicyNode(Node):
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = PolicyNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except ValueError as err:  # a bad parameter or checkpoint: say which and stop
-        print(f"{NODE_NAME}: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(PolicyNode, NODE_NAME, args,
+                    startup_errors=STARTUP_ERRORS + (CheckpointError,))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ in /diagnostics.
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import threading
 from collections import Counter
@@ -25,15 +24,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
-import rclpy
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 ParameterType, SetParametersResult)
-from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import SetBool
@@ -46,6 +41,7 @@ from dp_ros.nodes.diagnostics import OK, WARN, CauseLog, DiagnosticsPublisher, m
 from dp_ros.nodes.trajectory_conv import (JointStateReader, JointStateRejected,
                                           command_trajectory, position_command,
                                           trajectory_to_plan)
+from dp_ros.nodes.run import run_node
 
 NODE_NAME = "trajectory_executor"
 JOINT_TRAJECTORY, POSITION_STREAM = "joint_trajectory", "position_stream"
@@ -453,30 +449,7 @@ class TrajectoryExecutorNode(Node):
 
 
 def main(args=None) -> int:
-    # rclpy's own SIGINT handler shuts the context down before we could tell a
-    # joint_trajectory_controller to stop its running horizon; handle the signals here.
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    node = None
-    try:
-        node = TrajectoryExecutorNode()
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        while not stop.is_set() and rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)
-        node.stop()
-    except ExternalShutdownException:
-        pass
-    except (ValueError, ParameterException) as err:  # a bad parameter: say which, stop
-        print(f"{NODE_NAME}: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(TrajectoryExecutorNode, NODE_NAME, args)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ committing to one (mode commitment). Plan latency comes from the policy node's
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ CLOCK_START = 100.0       # s; simulated time starts here (0 means "no clock yet
 CLOCK_PERIOD = 0.004      # s of wall time between /clock messages
 MAX_CLOCK_STEP = 0.02     # s of simulated time per /clock message at most
 ARM_LAG_LIMIT = 0.05      # s; the clock waits while the arm's joint states lag more
+AGE_BUDGET = 0.3          # s of sim time from a plan's stamp to its arrival, at most
 SETTLE = 0.2              # s of sim time between disabling the executor and the reset
 COMMIT_OFFSET = 0.2       # m from the start -> goal axis: the arm has committed to a side
 WALL_TIMEOUT = 60.0       # s of wall time without progress before giving up
@@ -178,7 +178,7 @@ class _Supervisor:
     """The supervising node: /clock, episode resets, executor enable, observation of the
     task, paths, plans and diagnostics. Callbacks only store data under a lock."""
 
-    def __init__(self, context, speed: float):
+    def __init__(self, context, speed: float, age_budget: float):
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from geometry_msgs.msg import PointStamped
@@ -193,7 +193,9 @@ class _Supervisor:
         self.node = rclpy.create_node("closed_loop_supervisor", context=context)
         n = self.node
         self.lock = threading.Lock()
-        self.speed = float(speed)
+        self.max_speed = self.speed = max(1.0, float(speed))
+        self.age_budget = float(age_budget)
+        self.watchdog: Callable[[], None] = lambda: None
         self.sim_time = CLOCK_START
         self.running_clock = True
         self.wall_running = 0.0   # wall s the clock was advancing
@@ -283,7 +285,15 @@ class _Supervisor:
         t = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         with self.lock:
             self.plan_stamps.append(t)
-            self.plan_ages.append(self.sim_time - t)
+            age = self.sim_time - t
+            self.plan_ages.append(age)
+            # plan latency on the sim clock is speed x the wall-clock inference time: slow
+            # the clock down (to real time at the least) when plans come late, speed up
+            # again when they are early
+            if age > self.age_budget:
+                self.speed = max(1.0, self.speed * 0.8)
+            elif age < 0.5 * self.age_budget:
+                self.speed = min(self.max_speed, self.speed * 1.1)
 
     def _on_diag(self, msg) -> None:
         for status in msg.status:
@@ -324,6 +334,7 @@ class _Supervisor:
         """Block until predicate() (polled), or raise naming ``what``."""
         deadline = time.monotonic() + wall_timeout
         while not predicate():
+            self.watchdog()
             if time.monotonic() > deadline:
                 raise ClosedLoopError(f"timed out after {wall_timeout:.0f} s waiting for {what}")
             time.sleep(0.005)
@@ -337,7 +348,9 @@ def run_closed_loop(policy_path: str | Path, episodes: int = 20, seed: int = 0,
                     params_file: str | Path = DEFAULT_PARAMS, speed: float = 2.0,
                     time_limit: Optional[float] = None, noise_seed: int = 0,
                     overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
-                    domain_id: Optional[int] = None, torch_threads: Optional[int] = 1,
+                    domain_id: Optional[int] = None,
+                    separate_processes: Sequence[str] = ("policy_node",),
+                    torch_threads: int = 1,
                     on_episode: Optional[Callable[[EpisodeRecord], None]] = None,
                     log: Callable[[str], None] = lambda s: None) -> ClosedLoopResult:
     """Run ``episodes`` seeded episodes (seeds ``seed`` .. ``seed + episodes - 1``) of the
@@ -345,20 +358,26 @@ def run_closed_loop(policy_path: str | Path, episodes: int = 20, seed: int = 0,
 
     ``time_limit``: s of sim time from enabling the executor (default: the task's own);
     the task's limit, counted from the reset, applies too. ``speed``: simulated seconds
-    per wall second at most. ``noise_seed``: the policy node's seed (reproducible
-    plans). ``overrides``: extra parameters per node name, applied last.
-    ``on_episode`` is called after each episode (progress output)."""
+    per wall second at most (the clock slows down, to real time at the least, when plans
+    arrive late). ``noise_seed``: the policy node's seed (reproducible plans).
+    ``overrides``: extra parameters per node name, applied last. ``separate_processes``:
+    nodes started as child processes (``python -m <module> --ros-args ...``, as
+    ``dp-ros up``); by default the policy node, so inference does not share the GIL with
+    the arm, the aggregator and the executor. ``torch_threads``: OMP_NUM_THREADS of the
+    policy node (on a 2-core machine 1 is fastest). ``on_episode`` is called after each
+    episode (progress output)."""
+    import os
+
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
     from dp_ros import bringup
+    from dp_ros.policy.checkpoint import load_config
 
-    if torch_threads:
-        import torch
-        torch.set_num_threads(int(torch_threads))
     started = time.monotonic()
     policy_path = str(Path(policy_path).expanduser().resolve())
+    cfg = load_config(policy_path)
     params, specs, node_overrides = bringup.plan_up(params_file, policy_path, use_sim_time=True)
     names = [s.name for s in specs]
     if "sim_arm" not in names:
@@ -371,16 +390,34 @@ def run_closed_loop(policy_path: str | Path, episodes: int = 20, seed: int = 0,
     node_overrides["policy_node"]["device"] = "cpu"
     for name, values in (overrides or {}).items():
         node_overrides.setdefault(name, {}).update(values)
+    unknown = sorted(set(separate_processes) - set(names))
+    if unknown:
+        raise ValueError(f"separate_processes: {unknown} not in the node set {names}")
+    local = [s for s in specs if s.name not in separate_processes]
+    remote = [s for s in specs if s.name in separate_processes]
+    if "sim_arm" not in [s.name for s in local]:
+        raise ValueError("sim_arm must run in this process (the supervisor sets its seed)")
 
+    if any(s.name == "policy_node" for s in local):
+        import torch
+        torch.set_num_threads(int(torch_threads))
+    env = dict(os.environ)
+    if domain_id is not None:
+        env["ROS_DOMAIN_ID"] = str(int(domain_id))
+    env["OMP_NUM_THREADS"] = str(int(torch_threads))
+    group = bringup.ProcessGroup(
+        [bringup.Child(s, bringup.process_command(s, params, node_overrides[s.name]))
+         for s in remote], env=env)
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=domain_id)
     nodes, sup, executor, spin_thread = [], None, None, None
     try:
-        sup = _Supervisor(context, speed)
+        sup = _Supervisor(context, speed, age_budget=AGE_BUDGET)
         sup.start_clock()
-        nodes = bringup.create_nodes(specs, params, node_overrides, context=context)
+        nodes = bringup.create_nodes(local, params, node_overrides, context=context)
+        group.start()
         by_name = {n.get_name(): n for n in nodes}
-        executor = MultiThreadedExecutor(num_threads=6, context=context)
+        executor = MultiThreadedExecutor(num_threads=4, context=context)
         for node in nodes + [sup.node]:
             executor.add_node(node)
         spin_thread = threading.Thread(target=executor.spin, name="closed_loop_spin",
@@ -388,32 +425,40 @@ def run_closed_loop(policy_path: str | Path, episodes: int = 20, seed: int = 0,
         spin_thread.start()
         # episode k after setting the seed parameter is sample_episode(seed + k), k from 0
         by_name["sim_arm"].set_parameters([Parameter("seed", value=int(seed))])
-        policy = by_name["policy_node"].runner.policy
-        cfg = policy.config
-        dt = cfg.dt
+
+        def alive() -> None:
+            ended = group.poll()
+            if ended:
+                raise ClosedLoopError(f"{', '.join(c.spec.name for c in ended)} exited with "
+                                      f"code {ended[0].returncode} (see its output above)")
+        sup.watchdog = alive
         sup.wait_sim(lambda: sup.js_stamp is not None and sup.plan_stamps,
-                     "the first joint state and plan (is the policy node planning?)")
-        log(f"running {episodes} episodes with {policy.policy_id} at up to {speed:g}x real time")
+                     "the first joint state and plan (is the policy node planning?)",
+                     wall_timeout=WALL_TIMEOUT + 60.0)
+        log(f"running {episodes} episodes with {Path(policy_path).name} at up to "
+            f"{speed:g}x real time")
         records = []
         for k in range(episodes):
-            records.append(_run_episode(sup, k, dt, cfg.T_o, time_limit))
+            records.append(_run_episode(sup, k, cfg.dt, cfg.T_o, time_limit))
             if on_episode is not None:
                 on_episode(records[-1])
         sup.set_enabled(False)
-        latency = {key: _float(sup.policy_status.get(f"plan_latency_{key}"))
-                   for key in ("median", "p99")}
-        ages = np.asarray(sup.plan_ages) if sup.plan_ages else None
+        with sup.lock:
+            status = dict(sup.policy_status)
+            ages = np.asarray(sup.plan_ages) if sup.plan_ages else None
+            achieved = sup.sim_advanced / max(sup.wall_running, 1e-9)
+        latency = {key: _float(status.get(f"plan_latency_{key}")) for key in ("median", "p99")}
         age = {"median": None if ages is None else float(np.median(ages)),
                "p99": None if ages is None else float(np.percentile(ages, 99))}
-        with sup.lock:
-            achieved = sup.sim_advanced / max(sup.wall_running, 1e-9)
-        return ClosedLoopResult(policy_path=policy_path, policy_id=policy.policy_id,
+        return ClosedLoopResult(policy_path=policy_path,
+                                policy_id=status.get("policy_id") or Path(policy_path).name,
                                 episodes=records, plan_latency=latency, plan_age=age,
                                 speed=achieved, wall_seconds=time.monotonic() - started,
-                                diagnostics=dict(sup.policy_status))
+                                diagnostics=status)
     finally:
         if sup is not None:
             sup.stop()
+        group.stop(grace=5.0)
         bringup.stop_nodes(nodes)
         if executor is not None:
             executor.shutdown(timeout_sec=5.0)

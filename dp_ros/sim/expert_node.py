@@ -31,9 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import JointState
@@ -43,6 +41,7 @@ from std_srvs.srv import Trigger
 from dp_ros.sim.arm import ArmGeometry
 from dp_ros.sim.expert import ExpertConfig, ExpertPlan, ScriptedExpert
 from dp_ros.sim.task import Episode
+from dp_ros.nodes.run import run_node
 
 NODE_NAME = "expert"
 EPISODE_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
@@ -256,23 +255,7 @@ class ExpertNode(Node):
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    try:
-        try:
-            node = ExpertNode()
-        except Exception as err:  # a bad parameter: say which, stop
-            print(f"{NODE_NAME}: {err}", file=sys.stderr)
-            return 1
-        try:
-            while rclpy.ok() and not node.done:
-                rclpy.spin_once(node, timeout_sec=0.1)
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass
-        finally:
-            node.destroy_node()
-    finally:
-        rclpy.try_shutdown()
-    return 0
+    return run_node(ExpertNode, NODE_NAME, args, until=lambda node: node.done)
 
 
 if __name__ == "__main__":

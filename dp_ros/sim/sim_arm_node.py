@@ -33,12 +33,9 @@ import json
 import sys
 from typing import Optional
 
-import rclpy
 from geometry_msgs.msg import PointStamped
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 ParameterType, SetParametersResult)
-from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -51,6 +48,7 @@ from dp_ros.sim.arm import (INTERPOLATIONS, ArmGeometry, CommandRejected, Simula
                             parse_position_command, parse_trajectory)
 from dp_ros.sim.render import render_scene, view_for
 from dp_ros.sim.task import Episode, EpisodeMonitor, sample_episode, task_for
+from dp_ros.nodes.run import run_node
 
 NODE_NAME = "sim_arm"
 TRAJECTORY_TOPIC = "arm_controller/joint_trajectory"
@@ -269,22 +267,7 @@ class SimArmNode(Node):
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    try:
-        try:
-            node = SimArmNode()
-        except (ValueError, ParameterException) as err:  # a bad parameter: say which, stop
-            print(f"{NODE_NAME}: {err}", file=sys.stderr)
-            return 1
-        try:
-            rclpy.spin(node)
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass  # Ctrl-C or shutdown from elsewhere: a clean stop
-        finally:
-            node.destroy_node()
-    finally:
-        rclpy.try_shutdown()
-    return 0
+    return run_node(SimArmNode, NODE_NAME, args)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,13 @@ def _reconstructor(cls, base, state=None):
     raise PickleRefused("refusing copyreg._reconstructor for a class that is not a config stand-in")
 
 
+def _codecs_encode(text, encoding="utf-8", errors="strict"):
+    # pickle protocol 2 stores bytes as _codecs.encode(str, 'latin1')
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise PickleRefused("refusing _codecs.encode other than the protocol-2 bytes encoding")
+    return text.encode("latin1")
+
+
 def _safe_set(items=()):
     return set(items)
 
@@ -199,6 +206,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _plain_defaultdict
         if key == ("dill._dill", "_load_type"):
             return _dill_load_type
+        if key == ("_codecs", "encode"):
+            return _codecs_encode
         if key == ("copyreg", "_reconstructor"):
             return _reconstructor
         if module == "typing" and name in _TYPING:
