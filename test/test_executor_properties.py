@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -96,16 +97,19 @@ events = st.lists(st.one_of(
 @given(data=st.data(), evts=events, lead=st.sampled_from([0.0, 0.03]),
        timeout=st.sampled_from([0.3, 1.0]), crossfade=st.sampled_from([0, 4]),
        q0=st.tuples(st.floats(-1.0, 1.0), st.floats(-0.5, 2.0)))
-def test_command_stream_satisfies_safety_contract(data, evts, lead, timeout, crossfade, q0):
+@pytest.mark.parametrize("output_mode", ["position_stream", "joint_trajectory"])
+def test_command_stream_satisfies_safety_contract(output_mode, data, evts, lead, timeout,
+                                                  crossfade, q0):
     ex = PlanExecutor(NAMES, JointLimits.create(2, LOWER, UPPER, VMAX), lead, timeout,
                       crossfade, CTRL_DT)
     now, epoch = START, 0
     ex.enable(np.array(q0), now)
     prev = np.array(q0)
     submitted: list[Submitted] = []
+    sent = None  # joint_trajectory: (absolute knot times, positions) the controller follows
 
     def tick():
-        nonlocal prev
+        nonlocal prev, sent
         cmd = ex.command(now)
         q = cmd.positions
         assert cmd.time == now + lead
@@ -115,8 +119,14 @@ def test_command_stream_satisfies_safety_contract(data, evts, lead, timeout, cro
             assert cmd.status == HOLDING, cmd
         if cmd.status == HOLDING:
             assert np.array_equal(q, prev)
-        check_horizon(ex, now, q, cmd.status)
         prev = q
+        if output_mode == "joint_trajectory":
+            # the controller is where the last sent horizon says at `now`: the new one must
+            # continue from there within the velocity limit
+            start = q if sent is None else np.array(
+                [np.interp(now, sent[0], sent[1][:, j]) for j in range(2)])
+            sent = check_horizon(ex, now, start, cmd.status)
+            prev = ex.last_command
 
     for kind, a, b in evts:
         if kind == "tick":
@@ -137,11 +147,13 @@ def test_command_stream_satisfies_safety_contract(data, evts, lead, timeout, cro
         else:
             now -= a
             epoch += 1
+            sent = None  # a new timeline: the old horizon's times mean nothing
             tick()
 
 
-def check_horizon(ex: PlanExecutor, now: float, last: np.ndarray, status: str) -> None:
-    """joint_trajectory output: future points only, feasible from the last command."""
+def check_horizon(ex: PlanExecutor, now: float, last: np.ndarray, status: str):
+    """joint_trajectory output: future points only, feasible from where the controller is
+    (`last`); returns the horizon as absolute knots."""
     t, p, v = ex.remaining_trajectory(now)
     assert len(t) >= 1 and np.all(np.isfinite(p)) and np.all(np.isfinite(v))
     assert np.all(t > 0.0)  # plan time now + lead + t is after now + lead
@@ -152,4 +164,5 @@ def check_horizon(ex: PlanExecutor, now: float, last: np.ndarray, status: str) -
     assert np.all(np.abs(np.diff(knots_p, axis=0)) <= VMAX * np.diff(knots_t)[:, None] + EPS)
     assert np.all(np.abs(v) <= VMAX + EPS)
     if status == HOLDING:
-        assert len(t) == 1 and np.array_equal(p[0], last)
+        assert len(t) == 1 and np.allclose(p[0], last, atol=EPS)
+    return np.concatenate(([now], now + t)), knots_p

@@ -109,7 +109,8 @@ class PlanExecutor:
         self._latest_stamp = -math.inf
         self._reason, self._cause = "disabled: waiting for enable", "disabled"
         self.clock_jumps = 0
-        self.hold_causes: deque[str] = deque(maxlen=64)  # why the plan was last dropped, newest last
+        self.hold_causes: deque[str] = deque(maxlen=64)
+        self._sent: tuple[np.ndarray, np.ndarray] | None = None  # last trajectory sent (times, positions)  # why the plan was last dropped, newest last
 
     # ---- configuration -------------------------------------------------------------
     def configure(self, *, actuation_lead: float | None = None,
@@ -182,12 +183,13 @@ class PlanExecutor:
         self._last_cmd = q.copy()
         self._last_cmd_now = self._last_now = float(now)
         self._ref = self._fade = None  # plans received before enable assumed another start
+        self._sent = None
         self._reason = "enabled: holding the current position until a plan arrives"
         self._cause = "no_plan"
 
     def disable(self, reason: str = "disabled") -> None:
         self._enabled = False
-        self._ref = self._fade = None
+        self._ref = self._fade = self._sent = None
         self._reason, self._cause = reason, "disabled"
 
     # ---- plans ---------------------------------------------------------------------
@@ -278,11 +280,12 @@ class PlanExecutor:
         lead = self.actuation_lead if lead is None else float(lead)
         self._check_clock(now)
         self._expire(now)
+        self._sync_to_sent(now)
         tau = now + lead
         hold = TrajectoryPoints(np.array([self.control_dt]), self._last_cmd[None].copy(),
                                 np.zeros((1, J)))
         if self._ref is None:
-            return hold
+            return self._remember_sent(now, hold)
         # nothing beyond the time the plan goes stale: if this node dies, the controller
         # stops where the executor would have stopped holding
         stale_end = self._ref.stamp + self.stale_plan_timeout + lead
@@ -294,7 +297,7 @@ class PlanExecutor:
         if self._ref.end >= stale_end > tau:
             ts = np.append(ts, stale_end)
         if ts.size == 0:
-            return hold
+            return self._remember_sent(now, hold)
         target = self._reference_at(ts)
         rel = ts - tau
         out = np.empty_like(target)
@@ -308,7 +311,24 @@ class PlanExecutor:
         outgoing = np.vstack((slopes[1:], np.zeros((1, J))))
         same_sign = slopes * outgoing > 0
         vel = np.where(same_sign, np.sign(slopes) * np.minimum(abs(slopes), abs(outgoing)), 0.0)
-        return TrajectoryPoints(rel, out, vel)
+        return self._remember_sent(now, TrajectoryPoints(rel, out, vel))
+
+    def _remember_sent(self, now: float, points: TrajectoryPoints) -> TrajectoryPoints:
+        """Keep what the controller was told: it follows this until the next message."""
+        self._sent = (np.concatenate(([now], now + points.times_from_now)),
+                      np.vstack((self._last_cmd, points.positions)))
+        return points
+
+    def _sync_to_sent(self, now: float) -> None:
+        """Start from where the controller is told to be now (the last sent trajectory at
+        `now`), not from the last control tick's command: when ticks run late the two
+        differ, and a new horizon starting from the older one would pull the arm back."""
+        if self._sent is None:
+            return
+        times, positions = self._sent
+        q = np.array([np.interp(now, times, positions[:, j]) for j in range(positions.shape[1])])
+        if np.all(np.isfinite(q)):
+            self._last_cmd, self._last_cmd_now = self.limits.clamp_position(q), now
 
     # ---- internals -----------------------------------------------------------------
     def _reference_at(self, tau: np.ndarray) -> np.ndarray:
@@ -328,6 +348,7 @@ class PlanExecutor:
             self._latest_stamp = -math.inf  # stamps of the new timeline are smaller
             self._clear(f"clock jumped back by {self._last_now - now:.3f} s", "clock_jump")
             self._last_cmd_now = now
+            self._sent = None
         self._last_now = now
 
     def _expire(self, now: float) -> None:
