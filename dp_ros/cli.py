@@ -13,7 +13,9 @@ from pathlib import Path
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    return run_demo(fresh=args.fresh, minutes=args.minutes, episodes=args.episodes)
+    return run_demo(episodes=args.episodes, policy=args.policy, fresh=args.fresh,
+                    demos=args.demos, baseline=args.baseline, speed=args.speed,
+                    minutes=args.minutes, out=args.out)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -83,6 +85,39 @@ def cmd_play(args: argparse.Namespace) -> int:
     return play_main(args)
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from .policy.importers import ImportRefused, import_diffusion_policy, import_lerobot
+    out = Path(args.out)
+    if (out / "config.json").exists() and not args.overwrite:
+        print(f"dp-ros import: {out} already holds a checkpoint (pass --overwrite to replace it)",
+              file=sys.stderr)
+        return 2
+    common = dict(dt=args.dt, state_names=args.state_names, action_names=args.action_names)
+    try:
+        if args.source == "lerobot":
+            if args.trust_pickle:
+                print("dp-ros import: note: --trust-pickle is not needed for LeRobot (safetensors)",
+                      file=sys.stderr)
+            result = import_lerobot(args.src, out, **common)
+        else:
+            result = import_diffusion_policy(args.src, out, trust_pickle=args.trust_pickle,
+                                             use_ema=not args.no_ema, **common)
+    except ImportRefused as exc:
+        print(f"dp-ros import: refused: {exc}", file=sys.stderr)
+        return 2
+    cfg = result.config
+    cams = ", ".join(f"{c.name} {c.height}x{c.width}" for c in cfg.cameras) or "none"
+    s = cfg.schedule
+    print(f"imported {result.source} -> {result.out}")
+    print(f"  cameras: {cams}; state {cfg.state_dim}, action {cfg.action_dim}; "
+          f"T_o {cfg.T_o}, T_p {cfg.T_p}, T_a {cfg.T_a}, dt {cfg.dt:g} s")
+    print(f"  {cfg.denoiser}, {s.sampler.upper()} x {s.num_inference_steps} "
+          f"({s.prediction_type}, {s.beta_schedule})")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from .bringup import up
     return up(args.config, policy=args.policy, use_sim_time=args.use_sim_time,
@@ -93,10 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dp-ros", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="generate data, train a small policy on the CPU, sample a plan")
-    p.add_argument("--fresh", action="store_true", help="rebuild cached dataset and policy")
-    p.add_argument("--minutes", type=float, default=1.0, help="training time budget")
-    p.add_argument("--episodes", type=int, default=40, help="demonstrations to generate")
+    p = sub.add_parser("demo", help="record expert demos on the simulated arm, train a small "
+                       "policy on the CPU, run it closed loop through the ROS nodes")
+    p.add_argument("--episodes", type=int, default=20,
+                   help="closed-loop evaluation episodes (default 20)")
+    p.add_argument("--policy", metavar="CKPT",
+                   help="evaluate this checkpoint instead of the demo's own")
+    p.add_argument("--fresh", action="store_true",
+                   help="re-record the demonstrations and retrain (cached otherwise)")
+    p.add_argument("--demos", type=int, default=100,
+                   help="expert demonstrations to record (default 100)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also train and evaluate the MSE regression head on the same data")
+    p.add_argument("--speed", type=float, default=2.0,
+                   help="simulated time at most this many times faster than real time "
+                        "(slows down to real time when inference cannot keep up)")
+    p.add_argument("--minutes", type=float, help="training time budget (default: the "
+                   "config's)")
+    p.add_argument("--out", help="folder for the paths PNG and the episode GIF "
+                   "(default: the cache folder)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a policy on an episode store")
@@ -193,6 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seconds", type=float, default=30.0, help="ros: measurement time")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("import", help="convert a LeRobot or diffusion_policy checkpoint into a "
+                       "dp_ros checkpoint",
+                       description="Convert a policy trained with LeRobot (save_pretrained directory) "
+                       "or with the paper's reference code (.ckpt) into a dp_ros checkpoint "
+                       "directory. Settings dp_ros cannot reproduce are refused by name.")
+    p.add_argument("source", choices=["lerobot", "diffusion-policy"])
+    p.add_argument("src", help="LeRobot directory (config.json + model.safetensors [+ processor "
+                   "files]) or diffusion_policy .ckpt")
+    p.add_argument("--out", required=True, help="dp_ros checkpoint directory to write")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="diffusion-policy: the .ckpt is a pickle; read it (restricted to tensors and "
+                   "plain data) only if you trust its origin")
+    p.add_argument("--dt", type=float, help="control period in seconds (default: from the "
+                   "checkpoint when it records one, else 0.1)")
+    p.add_argument("--state-names", nargs="+", metavar="NAME",
+                   help="joint names of the state vector, in order (default state_0...)")
+    p.add_argument("--action-names", nargs="+", metavar="NAME",
+                   help="joint names of the action vector, in order (default action_0...)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="diffusion-policy: use state_dicts.model even when EMA weights exist")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("up", help="start the nodes (one process each) without ros2 launch")
     p.add_argument("--config", required=True,

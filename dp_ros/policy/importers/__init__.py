@@ -178,11 +178,15 @@ def resnet_width(tensors: dict, conv1_key: str, where: str) -> int:
     return int(w.shape[0])
 
 
-def fill_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load mapped tensors strictly: every model tensor given, with its shape, nothing else."""
+def fill_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str,
+               origin: Optional[dict[str, str]] = None) -> None:
+    """Load mapped tensors strictly: every model tensor given, with its shape, nothing else.
+
+    ``origin`` maps dp_ros names to the source's, so that messages name the source tensor."""
+    origin = origin or {}
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
+    unexpected = [origin.get(k, k) for k in tensors if k not in expected]
     if missing or unexpected:
         raise ImportRefused(f"{source}: weights do not match the architecture read from its config "
                             f"(missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
@@ -191,11 +195,12 @@ def fill_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source:
     for name, ref in expected.items():
         got = tensors[name]
         if tuple(got.shape) != tuple(ref.shape):
-            raise ImportRefused(f"{source}: tensor for {name} has shape {tuple(got.shape)}, the "
-                                f"architecture in its config implies {tuple(ref.shape)}")
-        got = got.detach().to(dtype=ref.dtype).clone()
-        if got.is_floating_point() and not torch.isfinite(got).all():
-            raise ImportRefused(f"{source}: tensor for {name} has NaN or Inf values")
+            raise ImportRefused(f"{source}: tensor {origin.get(name, name)} has shape {tuple(got.shape)}, "
+                                f"the architecture in its config implies {tuple(ref.shape)}")
+        got = got.detach().to(dtype=ref.dtype)
+        # a finite sum proves every element finite; otherwise check exactly (it may overflow)
+        if got.is_floating_point() and not (torch.isfinite(got.sum()) or torch.isfinite(got).all()):
+            raise ImportRefused(f"{source}: tensor {origin.get(name, name)} has NaN or Inf values")
         state[name] = got
     model.load_state_dict(state, strict=True)
 

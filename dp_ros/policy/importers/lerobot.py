@@ -194,7 +194,7 @@ def _affine(stats: dict, key: str, mode: str, eps: float, legacy: bool, inverse:
     return 2.0 / denom, -2.0 * lo / denom - 1.0, lo
 
 
-def import_lerobot(src, out, *, dt: float = 0.1, state_names: Optional[Sequence[str]] = None,
+def import_lerobot(src, out, *, dt: Optional[float] = None, state_names: Optional[Sequence[str]] = None,
                    action_names: Optional[Sequence[str]] = None, policy_id: Optional[str] = None
                    ) -> ImportResult:
     """Convert LeRobot's ``src`` directory into a dp_ros checkpoint directory ``out``."""
@@ -206,6 +206,9 @@ def import_lerobot(src, out, *, dt: float = 0.1, state_names: Optional[Sequence[
             raise ImportRefused(f"{src}: missing {f}")
     conf = _read_json(src / "config.json")
     notes: list[str] = []
+    if dt is None:
+        dt = 0.1
+        notes.append("dt 0.1 s (default: a LeRobot policy does not record its control rate; pass --dt)")
     if conf.get("type", "diffusion") != "diffusion":
         raise ImportRefused(f"{src}: policy type {conf.get('type')!r} is not a diffusion policy")
     unknown = sorted(set(conf) - _IGNORED - _HANDLED)
@@ -215,6 +218,15 @@ def import_lerobot(src, out, *, dt: float = 0.1, state_names: Optional[Sequence[
 
     feats, modes = _features(conf, src)
     cams = [k for k, (kind, _) in feats.items() if kind == "VISUAL"]
+    # defaults changed between LeRobot releases (crop 84 -> none, ...): never fill them in
+    required = ["n_obs_steps", "horizon", "n_action_steps", "down_dims", "noise_scheduler_type"]
+    if cams:
+        required += ["crop_shape", "use_group_norm", "use_separate_rgb_encoder_per_camera",
+                     "spatial_softmax_num_keypoints"]
+    missing = [k for k in required if k not in conf]
+    if missing:
+        raise ImportRefused(f"{src}/config.json lacks {missing}; their defaults differ between LeRobot "
+                            f"releases, so they must be stated")
     if ENV_STATE_KEY in feats:
         raise ImportRefused(f"{src}: input {ENV_STATE_KEY!r} is not supported (dp_ros conditions on "
                             f"cameras and one state vector)")
@@ -347,6 +359,7 @@ def import_lerobot(src, out, *, dt: float = 0.1, state_names: Optional[Sequence[
 
     # -- weights ---------------------------------------------------------------------------------
     mapped: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
     used: set[str] = set()
     for i, prefix in enumerate(enc_prefixes):
         for k, v in weights.items():
@@ -365,6 +378,7 @@ def import_lerobot(src, out, *, dt: float = 0.1, state_names: Optional[Sequence[
             if target is None:
                 raise ImportRefused(f"{src}: unexpected encoder weight {k!r}")
             mapped[f"obs_encoder.encoders.{i}.{target}"] = v
+            origin[f"obs_encoder.encoders.{i}.{target}"] = k
             used.add(k)
     for k, v in weights.items():
         if not k.startswith("diffusion.unet."):
@@ -375,6 +389,7 @@ def import_lerobot(src, out, *, dt: float = 0.1, state_names: Optional[Sequence[
         if parts[0] in ("down_modules", "up_modules") and len(parts) == 4 and parts[2] == "2":
             rest = ".".join(parts[:3] + ["conv", parts[3]])  # bare Conv1d -> Downsample1d/Upsample1d.conv
         mapped[f"denoiser.{rest}"] = v
+        origin[f"denoiser.{rest}"] = k
         used.add(k)
     stat_keys = {k for k in weights if k.startswith(("normalize_inputs.", "normalize_targets.",
                                                       "unnormalize_outputs."))}
@@ -383,7 +398,7 @@ def import_lerobot(src, out, *, dt: float = 0.1, state_names: Optional[Sequence[
         raise ImportRefused(f"{src}: weights not understood: {leftover[:5]}")
 
     model = build_model(cfg)
-    fill_model(model, mapped, str(src / "model.safetensors"))
+    fill_model(model, mapped, str(src / "model.safetensors"), origin)
     out = Path(out)
     save_checkpoint(out, cfg, model)
     notes.insert(0, f"read {layout}")

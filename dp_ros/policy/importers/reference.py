@@ -227,7 +227,7 @@ _SCHED_KEYS = {
 }
 
 
-def _schedule(sched: dict, num_inference_steps, step_kwargs: dict, ckpt: str) -> ScheduleConfig:
+def _schedule(sched: dict, num_inference_steps, step_kwargs: dict, ckpt: str, notes: list) -> ScheduleConfig:
     kind = _target_name(sched, "policy.noise_scheduler")
     if kind not in _SCHED_KEYS:
         raise ImportRefused(f"{ckpt}: noise scheduler {kind!r} is not supported (DDPMScheduler, DDIMScheduler)")
@@ -251,6 +251,14 @@ def _schedule(sched: dict, num_inference_steps, step_kwargs: dict, ckpt: str) ->
                             f"supported")
     n_train = _as_int(sched.get("num_train_timesteps", 1000), "noise_scheduler.num_train_timesteps")
     k = n_train if num_inference_steps is None else _as_int(num_inference_steps, "num_inference_steps")
+    # two cases where diffusers 0.11 (the reference's original environment) differs from later
+    # releases (its current environment pins 0.30): dp_ros follows the later semantics
+    if kind == "DDIMScheduler" and sched.get("prediction_type", "epsilon") == "sample":
+        notes.append("DDIM with prediction_type 'sample': noise direction from the re-derived epsilon, "
+                     "as diffusers >= 0.12 (diffusers 0.11 used the predicted sample itself)")
+    if kind == "DDPMScheduler" and k != n_train:
+        notes.append(f"DDPM with {k} of {n_train} steps: skip-step posterior as diffusers >= 0.12 "
+                     f"(diffusers 0.11 used the one-step coefficients)")
     return ScheduleConfig(
         num_train_timesteps=n_train,
         beta_schedule=str(sched.get("beta_schedule", "linear")),
@@ -438,15 +446,30 @@ def import_diffusion_policy(ckpt, out, *, trust_pickle: bool = False, dt: Option
     rd = _Reader(sd, f"{ckpt}:{which}")
     rd.ignore(lambda k: k.endswith("_dummy_variable") or k.startswith("normalizer."))
 
+    # denoiser settings first: refusals should not depend on the weights
+    if kind == "DiffusionUnetLowdimPolicy":
+        if _target_name(p["model"], "policy.model") != "ConditionalUnet1D":
+            raise ImportRefused(f"{where}: model {p['model'].get('_target_')!r} is not supported")
+        if p["model"].get("local_cond_dim") is not None:
+            raise ImportRefused(f"{where}: model.local_cond_dim (local conditioning) is not supported")
+    if kind in ("DiffusionTransformerLowdimPolicy", "DiffusionTransformerHybridImagePolicy"):
+        t = p["model"] if kind == "DiffusionTransformerLowdimPolicy" else p
+        if kind == "DiffusionTransformerLowdimPolicy" and _target_name(t, "policy.model") != "TransformerForDiffusion":
+            raise ImportRefused(f"{where}: model {t.get('_target_')!r} is not supported")
+        if not t.get("time_as_cond", True):
+            raise ImportRefused(f"{where}: time_as_cond: false (BERT-style encoder) is not supported")
+        if kind == "DiffusionTransformerLowdimPolicy" and not t.get("cond_dim"):
+            raise ImportRefused(f"{where}: a transformer without observation conditioning is not supported")
     T_p, T_o = _as_int(p["horizon"], "horizon"), _as_int(p["n_obs_steps"], "n_obs_steps")
     T_a = _as_int(p["n_action_steps"], "n_action_steps")
-    schedule = _schedule(p["noise_scheduler"], p.get("num_inference_steps"), step_kwargs, where)
+    schedule = _schedule(p["noise_scheduler"], p.get("num_inference_steps"), step_kwargs, where, notes)
     if dt is None:
         fps = conf.get("task.env_runner.fps", None)
         dt = 1.0 / float(fps) if isinstance(fps, (int, float)) and fps > 0 else 0.1
         notes.append(f"dt {dt:g} s ({'task.env_runner.fps' if fps else 'default; pass --dt'})")
 
     mapped: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}  # dp_ros name -> checkpoint name, for messages
     cameras: list[CameraConfig] = []
     enc_kwargs: dict = {}
     segments: list[tuple[str, int]] = []
@@ -618,10 +641,6 @@ def import_diffusion_policy(ckpt, out, *, trust_pickle: bool = False, dt: Option
         denoiser = "unet"
         if kind == "DiffusionUnetLowdimPolicy":
             m = p["model"]
-            if _target_name(m, "policy.model") != "ConditionalUnet1D":
-                raise ImportRefused(f"{where}: model {m.get('_target_')!r} is not supported")
-            if m.get("local_cond_dim") is not None:
-                raise ImportRefused(f"{where}: model.local_cond_dim is not supported")
             unet_args = {"diffusion_step_embed_dim": m.get("diffusion_step_embed_dim", 256),
                          "down_dims": m.get("down_dims", [256, 512, 1024]), "kernel_size": m.get("kernel_size", 3),
                          "n_groups": m.get("n_groups", 8), "cond_predict_scale": m.get("cond_predict_scale", False)}
@@ -639,15 +658,10 @@ def import_diffusion_policy(ckpt, out, *, trust_pickle: bool = False, dt: Option
         for k in model_keys:
             if not k.endswith("_dummy_variable"):
                 mapped["denoiser." + k[len("model."):]] = rd.take(k)
+                origin["denoiser." + k[len("model."):]] = k
     else:
         denoiser = "transformer"
         t = p["model"] if kind == "DiffusionTransformerLowdimPolicy" else p
-        if kind == "DiffusionTransformerLowdimPolicy" and _target_name(t, "policy.model") != "TransformerForDiffusion":
-            raise ImportRefused(f"{where}: model {t.get('_target_')!r} is not supported")
-        if not t.get("time_as_cond", True):
-            raise ImportRefused(f"{where}: time_as_cond: false (BERT-style encoder) is not supported")
-        if kind == "DiffusionTransformerLowdimPolicy" and not t.get("cond_dim"):
-            raise ImportRefused(f"{where}: a transformer without observation conditioning is not supported")
         transformer = TransformerConfig(
             n_layer=_as_int(t.get("n_layer", 12), "n_layer"), n_head=_as_int(t.get("n_head", 12), "n_head"),
             n_emb=_as_int(t.get("n_emb", 768), "n_emb"),
@@ -661,6 +675,7 @@ def import_diffusion_policy(ckpt, out, *, trust_pickle: bool = False, dt: Option
                 rd.used.add(k)
                 continue
             mapped["denoiser." + k[len("model."):]] = rd.take(k)
+            origin["denoiser." + k[len("model."):]] = k
         has_mask = "model.mask" in rd.sd
         if has_mask != transformer.causal_attn:
             raise ImportRefused(f"{where}: causal_attn {transformer.causal_attn} disagrees with the weights "
@@ -694,7 +709,7 @@ def import_diffusion_policy(ckpt, out, *, trust_pickle: bool = False, dt: Option
     except ConfigError as exc:
         raise ImportRefused(f"{where}: {exc}") from None
     model = build_model(cfg)
-    fill_model(model, mapped, where)
+    fill_model(model, mapped, where, origin)
     out = Path(out)
     save_checkpoint(out, cfg, model)
     return ImportResult(out=out, config=cfg, source=str(ckpt), notes=notes)

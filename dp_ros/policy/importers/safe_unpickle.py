@@ -85,6 +85,17 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
     return data
 
 
+_TENSOR_TYPES = {("torch", "Tensor"), ("torch.nn.parameter", "Parameter")}
+
+
+def _rebuild_from_type(func, new_type, args, state=None) -> torch.Tensor:
+    # torch._tensor._rebuild_from_type_v2: a tensor (sub)class around one of the rebuilds above
+    if func not in (_rebuild_tensor, _rebuild_parameter) or not (
+            isinstance(new_type, _TypeMarker) and new_type.name in {".".join(t) for t in _TENSOR_TYPES}):
+        raise PickleRefused("refusing a tensor of a class other than Tensor/Parameter")
+    return func(*args)
+
+
 # -- OmegaConf stand-ins ----------------------------------------------------------------------
 
 class _StandIn:
@@ -200,6 +211,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if key in (("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state")):
             return _rebuild_parameter
+        if key == ("torch._tensor", "_rebuild_from_type_v2"):
+            return _rebuild_from_type
+        if key in _TENSOR_TYPES:
+            return _TypeMarker(".".join(key))
         if key == ("collections", "OrderedDict"):
             return OrderedDict
         if key == ("collections", "defaultdict"):
