@@ -8,6 +8,7 @@ the policy's encoder (random in training, centre at inference).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
 
@@ -18,6 +19,15 @@ from dp_ros.control.streams import SampleRejected, StreamBuffer
 
 ENCODINGS = ("rgb8", "bgr8", "mono8")
 STATE_STREAM = "state"  # stream key of the joint state; cameras may not use this name
+_CAMERA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+
+
+def validate_camera_name(name: str) -> None:
+    """Camera names become topic name tokens and window keys."""
+    if not _CAMERA_NAME.match(name):
+        raise ValueError(f"camera name {name!r} must match [A-Za-z][A-Za-z0-9_]*")
+    if name == STATE_STREAM:
+        raise ValueError(f"camera name {STATE_STREAM!r} is reserved for the state topic")
 
 
 # ----------------------------------------------------------------------------- images

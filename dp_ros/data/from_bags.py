@@ -57,11 +57,12 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 import yaml
 
+from dp_ros.control.aggregator_config import AggregatorConfig
 from dp_ros.control.image_decode import compressed_image_to_numpy, raw_image_to_numpy
 from dp_ros.control.observation import (STATE_STREAM, Invalid, JointSelector, Observation,
-                                        ObservationSpec, ObservationStreams)
+                                        ObservationStreams)
 from dp_ros.control.streams import SampleRejected
-from dp_ros.control.window import TickGrid, WindowBuilder
+from dp_ros.control.window import WindowBuilder
 
 from .bags import BagError, BagReader, BagMessage, bag_error, open_bag, stamp_ns
 from .store import EpisodeStore, StoreError
@@ -121,88 +122,16 @@ def load_node_parameters(path: Union[str, os.PathLike], node: str,
 
 # ----------------------------------------------------------------------------- configuration
 
-# obs_aggregator's parameter defaults (dp_ros.nodes.obs_aggregator.PARAMETERS; a test
-# checks they agree)
-AGGREGATOR_DEFAULTS = {
-    "camera_names": [], "camera_topics": [], "compressed": [], "camera_height": 96,
-    "camera_width": 96, "joint_states_topic": "/joint_states", "state_joint_names": [],
-    "rate_hz": 10.0, "T_o": 2, "camera_staleness": 0.1, "state_staleness": 0.05,
-    "stamp_future_tolerance": 0.5, "tick_delay": 0.0,
-}
+# what obs_aggregator subscribes to and how it aligns: the node's own settings class
+ObsSource = AggregatorConfig
 
 
-@dataclass(frozen=True)
-class ObsSource:
-    """What obs_aggregator subscribes to and how it builds observations."""
-
-    camera_names: tuple[str, ...]
-    camera_topics: tuple[str, ...]
-    compressed: tuple[bool, ...]
-    camera_height: int
-    camera_width: int
-    joint_states_topic: str
-    state_joint_names: tuple[str, ...]
-    rate_hz: float
-    T_o: int
-    camera_staleness: float
-    state_staleness: float
-    stamp_future_tolerance: float
-    tick_delay: float
-
-    @classmethod
-    def from_parameters(cls, params: Mapping[str, Any], where: str = "obs_aggregator"
-                        ) -> "ObsSource":
-        values = dict(AGGREGATOR_DEFAULTS)
-        values.update({k: v for k, v in params.items() if k in AGGREGATOR_DEFAULTS})
-        try:
-            names = tuple(str(n) for n in values["camera_names"] or ())
-            topics = tuple(str(t) for t in values["camera_topics"] or ())
-            compressed = tuple(bool(c) for c in values["compressed"] or ())
-            if len(topics) != len(names):
-                raise ValueError(f"camera_topics has {len(topics)} entries, camera_names "
-                                 f"{len(names)}")
-            if not compressed:
-                compressed = tuple(t.rstrip("/").endswith("/compressed") for t in topics)
-            elif len(compressed) != len(names):
-                raise ValueError(f"compressed has {len(compressed)} entries for "
-                                 f"{len(names)} cameras")
-            src = cls(camera_names=names, camera_topics=topics, compressed=compressed,
-                      camera_height=int(values["camera_height"]),
-                      camera_width=int(values["camera_width"]),
-                      joint_states_topic=str(values["joint_states_topic"]),
-                      state_joint_names=tuple(str(j) for j in values["state_joint_names"] or ()),
-                      rate_hz=float(values["rate_hz"]), T_o=int(values["T_o"]),
-                      camera_staleness=float(values["camera_staleness"]),
-                      state_staleness=float(values["state_staleness"]),
-                      stamp_future_tolerance=float(values["stamp_future_tolerance"]),
-                      tick_delay=float(values["tick_delay"]))
-            src.spec()  # validates names, sizes, staleness
-            TickGrid.from_rate(src.rate_hz)
-            if src.T_o < 1:
-                raise ValueError(f"T_o must be >= 1, got {src.T_o}")
-            if src.tick_delay < 0:
-                raise ValueError(f"tick_delay must be >= 0, got {src.tick_delay}")
-        except (TypeError, ValueError) as err:
-            raise ParamsError(f"{where}: {err}") from None
-        return src
-
-    def spec(self) -> ObservationSpec:
-        return ObservationSpec(self.camera_names, self.state_joint_names, self.camera_height,
-                               self.camera_width, self.camera_staleness, self.state_staleness)
-
-    @property
-    def grid(self) -> TickGrid:
-        return TickGrid.from_rate(self.rate_hz)
-
-    @property
-    def dt(self) -> float:
-        return self.grid.dt
-
-    @property
-    def horizon(self) -> float:
-        """Buffer horizon (s), as the aggregator sizes it."""
-        return ((self.T_o + 2) * self.dt + self.tick_delay
-                + max(self.camera_staleness, self.state_staleness) + 0.5)
+def obs_source(params: Mapping[str, Any], where: str = "obs_aggregator") -> AggregatorConfig:
+    """The aggregator's settings from its parameter section; ParamsError naming `where`."""
+    try:
+        return AggregatorConfig.from_parameters(params)
+    except ValueError as err:
+        raise ParamsError(f"{where}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -224,7 +153,7 @@ def load_sources(path: Union[str, os.PathLike], action_topic: Optional[str] = No
         raise ParamsError(f"{path}: no '{node}:' section (has {sorted(sections)}); the "
                           "dataset is built from the aggregator's settings")
     base = dict(sections.get(WILDCARD, {}))
-    obs = ObsSource.from_parameters({**base, **sections[node]}, where=f"{path}: {node}")
+    obs = obs_source({**base, **sections[node]}, where=f"{path}: {node}")
     ds = {**base, **sections.get(DATASET, {})}
     joints = action_joints or ds.get("action_joint_names") \
         or sections.get("policy_node", {}).get("joint_names") or obs.state_joint_names

@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 import threading
 from collections import Counter
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -26,86 +25,21 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from trajectory_msgs.msg import JointTrajectory
 
-from dp_ros.control.observation import (STATE_STREAM, Invalid, ObservationSpec,
-                                        ObservationStreams)
+from dp_ros.control.observation import (STATE_STREAM, Invalid, ObservationStreams)
 from dp_ros.control.streams import SampleRejected
 from dp_ros.control.window import TickGrid, WindowBuilder
 from dp_ros.nodes.diagnostics import ERROR, OK, WARN, CauseLog, DiagnosticsPublisher, make_status
 from dp_ros.nodes.image_conv import compressed_to_numpy, image_to_numpy
 from dp_ros.nodes.window_msgs import (WINDOW_QOS, encode_window, stamp_to_ns,
-                                      validate_camera_name, window_image_topic,
+                                      window_image_topic,
                                       window_state_topic)
+from dp_ros.control.aggregator_config import DEFAULTS, AggregatorConfig
 from dp_ros.nodes.run import run_node
 
 NODE_NAME = "obs_aggregator"
 POLLS_PER_TICK = 4  # before the clock runs, the timer polls this often per dt
 MIN_REARM_NS = 200_000  # never re-arm the tick timer closer than this (0.2 ms)
 JOINT_STATES_QOS = QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT)
-
-
-@dataclass(frozen=True)
-class AggregatorConfig:
-    camera_names: tuple[str, ...]
-    camera_topics: tuple[str, ...]
-    compressed: tuple[bool, ...]
-    camera_height: int
-    camera_width: int
-    joint_states_topic: str
-    state_joint_names: tuple[str, ...]
-    rate_hz: float
-    T_o: int
-    camera_staleness: float
-    state_staleness: float
-    stamp_future_tolerance: float
-    tick_delay: float
-    diagnostics_period: float
-
-    @classmethod
-    def build(cls, **values) -> "AggregatorConfig":
-        """Validated config; ValueError naming the parameter otherwise. An empty
-        ``compressed`` means: detect by a topic ending in "/compressed"."""
-        names = tuple(values["camera_names"] or ())
-        topics = tuple(values["camera_topics"] or ())
-        compressed = tuple(values["compressed"] or ())
-        if len(topics) != len(names):
-            raise ValueError(f"camera_topics has {len(topics)} entries, camera_names "
-                             f"{len(names)}: give one topic per camera")
-        for name in names:
-            validate_camera_name(name)
-        if len(set(names)) != len(names):
-            raise ValueError(f"camera_names has duplicates: {list(names)}")
-        if any(not t for t in topics):
-            raise ValueError("camera_topics has an empty topic name")
-        if not compressed:
-            compressed = tuple(t.rstrip("/").endswith("/compressed") for t in topics)
-        elif len(compressed) != len(names):
-            raise ValueError(f"compressed has {len(compressed)} entries for {len(names)} "
-                             "cameras (leave it empty to detect '/compressed' topics)")
-        joints = tuple(values["state_joint_names"] or ())
-        if not joints:
-            raise ValueError("state_joint_names is empty: name the joints of the state")
-        if len(set(joints)) != len(joints):
-            raise ValueError(f"state_joint_names has duplicates: {list(joints)}")
-        cfg = cls(camera_names=names, camera_topics=topics, compressed=compressed,
-                  state_joint_names=joints,
-                  **{k: v for k, v in values.items()
-                     if k not in ("camera_names", "camera_topics", "compressed",
-                                  "state_joint_names")})
-        if not cfg.joint_states_topic:
-            raise ValueError("joint_states_topic is empty")
-        for key in ("rate_hz", "camera_staleness", "state_staleness", "diagnostics_period"):
-            if not getattr(cfg, key) > 0.0:
-                raise ValueError(f"{key} must be > 0, got {getattr(cfg, key)}")
-        for key in ("stamp_future_tolerance", "tick_delay"):
-            if not getattr(cfg, key) >= 0.0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
-        if cfg.T_o < 1 or cfg.camera_height < 1 or cfg.camera_width < 1:
-            raise ValueError("T_o, camera_height and camera_width must be >= 1")
-        return cfg
-
-    def spec(self) -> ObservationSpec:
-        return ObservationSpec(self.camera_names, self.state_joint_names, self.camera_height,
-                               self.camera_width, self.camera_staleness, self.state_staleness)
 
 
 def _float_range(lo: float, hi: float) -> list[FloatingPointRange]:
@@ -128,38 +62,38 @@ PARAMETERS = {
     "compressed": (Parameter.Type.BOOL_ARRAY, ParameterDescriptor(
         description="Per camera: true for CompressedImage. Empty: true for topics ending "
                     "in /compressed", type=ParameterType.PARAMETER_BOOL_ARRAY, read_only=True)),
-    "camera_height": (96, ParameterDescriptor(
+    "camera_height": (DEFAULTS["camera_height"], ParameterDescriptor(
         description="Frame height after preprocessing (pixels; crop happens in the policy)",
         integer_range=_int_range(1, 4096), read_only=True)),
-    "camera_width": (96, ParameterDescriptor(
+    "camera_width": (DEFAULTS["camera_width"], ParameterDescriptor(
         description="Frame width after preprocessing (pixels)",
         integer_range=_int_range(1, 4096), read_only=True)),
-    "joint_states_topic": ("/joint_states", ParameterDescriptor(
+    "joint_states_topic": (DEFAULTS["joint_states_topic"], ParameterDescriptor(
         description="sensor_msgs/JointState topic", read_only=True)),
     "state_joint_names": (Parameter.Type.STRING_ARRAY, ParameterDescriptor(
         description="Joints of the state vector, in order (picked by name from joint states)",
         type=ParameterType.PARAMETER_STRING_ARRAY, read_only=True)),
-    "rate_hz": (10.0, ParameterDescriptor(
+    "rate_hz": (DEFAULTS["rate_hz"], ParameterDescriptor(
         description="Observation rate (Hz); ticks lie at multiples of dt = 1 / rate_hz",
         floating_point_range=_float_range(0.1, 1000.0), read_only=True)),
-    "T_o": (2, ParameterDescriptor(
+    "T_o": (DEFAULTS["T_o"], ParameterDescriptor(
         description="Observations per window (consecutive valid ticks)",
         integer_range=_int_range(1, 64), read_only=True)),
-    "camera_staleness": (0.1, ParameterDescriptor(
+    "camera_staleness": (DEFAULTS["camera_staleness"], ParameterDescriptor(
         description="A camera frame older than this (s) at a tick invalidates the tick",
         floating_point_range=_float_range(0.001, 10.0), read_only=True)),
-    "state_staleness": (0.05, ParameterDescriptor(
+    "state_staleness": (DEFAULTS["state_staleness"], ParameterDescriptor(
         description="A joint state older than this (s) at a tick invalidates the tick",
         floating_point_range=_float_range(0.001, 10.0), read_only=True)),
-    "stamp_future_tolerance": (0.5, ParameterDescriptor(
+    "stamp_future_tolerance": (DEFAULTS["stamp_future_tolerance"], ParameterDescriptor(
         description="Samples stamped more than this (s) after the node clock are rejected "
                     "(one bogus future stamp would otherwise block its stream)",
         floating_point_range=_float_range(0.0, 3600.0), read_only=True)),
-    "tick_delay": (0.0, ParameterDescriptor(
+    "tick_delay": (DEFAULTS["tick_delay"], ParameterDescriptor(
         description="Evaluate tick t at clock time t + tick_delay (s), giving samples "
                     "stamped just before t time to arrive",
         floating_point_range=_float_range(0.0, 1.0), read_only=True)),
-    "diagnostics_period": (1.0, ParameterDescriptor(
+    "diagnostics_period": (DEFAULTS["diagnostics_period"], ParameterDescriptor(
         description="Period of /diagnostics messages (s, steady clock)",
         floating_point_range=_float_range(0.01, 60.0), read_only=True)),
 }
@@ -171,15 +105,13 @@ class ObsAggregator(Node):
         values = {}
         for name, (default, descriptor) in PARAMETERS.items():
             values[name] = self.declare_parameter(name, default, descriptor).value
-        self.cfg = AggregatorConfig.build(**values)
+        self.cfg = AggregatorConfig.from_parameters(values)
         self.grid = TickGrid.from_rate(self.cfg.rate_hz)
         self.dt = self.grid.dt
         self._delay_ns = int(round(self.cfg.tick_delay * 1e9))
         self._future_ns = int(round(self.cfg.stamp_future_tolerance * 1e9))
         # buffers must reach back over the ticks a late timer re-evaluates
-        horizon = ((self.cfg.T_o + 2) * self.dt + self.cfg.tick_delay
-                   + max(self.cfg.camera_staleness, self.cfg.state_staleness) + 0.5)
-        self.streams = ObservationStreams(self.cfg.spec(), horizon=horizon)
+        self.streams = ObservationStreams(self.cfg.spec(), horizon=self.cfg.horizon)
         self.builder = WindowBuilder(self.cfg.T_o, self.dt)
         self._lock = threading.RLock()  # callbacks vs tick vs clock jumps (any executor)
 

@@ -15,7 +15,6 @@ grid); the receiver joins them by that stamp (WindowJoiner). Both sides use WIND
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -25,6 +24,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import Image
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
+from dp_ros.control.observation import validate_camera_name  # noqa: F401  (re-exported)
 from dp_ros.nodes.image_conv import ImageFormatError, image_to_numpy, numpy_to_image
 
 STATE_PART = "state"
@@ -32,7 +32,6 @@ STATE_PART = "state"
 WINDOW_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=4,
                         reliability=ReliabilityPolicy.RELIABLE,
                         durability=DurabilityPolicy.VOLATILE)
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 class WindowFormatError(ValueError):
@@ -40,14 +39,6 @@ class WindowFormatError(ValueError):
 
 
 # ----------------------------------------------------------------------------- names
-
-def validate_camera_name(name: str) -> None:
-    """Camera names become topic name tokens and window keys."""
-    if not _NAME.match(name):
-        raise ValueError(f"camera name {name!r} must match [A-Za-z][A-Za-z0-9_]*")
-    if name == STATE_PART:
-        raise ValueError(f"camera name {STATE_PART!r} is reserved for the state topic")
-
 
 def _prefix(prefix: str) -> str:
     return prefix.rstrip("/") if prefix not in ("", "/") else ""
