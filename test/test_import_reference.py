@@ -4,10 +4,8 @@ its maths for the expected actions), read through the restricted unpickler."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
 import zipfile
 from pathlib import Path
 
