@@ -38,8 +38,7 @@ from dp_ros.sim.task import Episode, lateral_offset
 
 DEFAULT_PARAMS = "demo_robot.yaml"
 CLOCK_START = 100.0       # s; simulated time starts here (0 means "no clock yet" to nodes)
-CLOCK_PERIOD = 0.004      # s of wall time between /clock messages
-MAX_CLOCK_STEP = 0.02     # s of simulated time per /clock message at most
+CLOCK_STEP = 0.01         # s of simulated time per /clock message (100 Hz timers fire)
 ARM_LAG_LIMIT = 0.05      # s; the clock waits while the arm's joint states lag more
 AGE_BUDGET = 0.3          # s of sim time from a plan's stamp to its arrival, at most
 SETTLE = 0.2              # s of sim time between disabling the executor and the reset
@@ -68,8 +67,8 @@ class EpisodeRecord:
     wall_seconds: float
     times: np.ndarray = field(repr=False)    # (M,) sim s from enable
     ee: np.ndarray = field(repr=False)       # (M, 2) end-effector path
-    joint_times: np.ndarray = field(repr=False)  # (K,) sim s from enable
-    joints: np.ndarray = field(repr=False)       # (K, n) joint positions (/joint_states)
+    joint_times: np.ndarray = field(repr=False)  # (M,) the same times
+    joints: np.ndarray = field(repr=False)       # (M, n) joint positions (/joint_states)
 
     @property
     def seed(self) -> int:
@@ -181,7 +180,6 @@ class _Supervisor:
     def __init__(self, context, speed: float, age_budget: float):
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
-        from geometry_msgs.msg import PointStamped
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
         from rosgraph_msgs.msg import Clock
         from sensor_msgs.msg import JointState
@@ -203,7 +201,6 @@ class _Supervisor:
         self.task: Optional[dict] = None
         self.js_stamp: Optional[float] = None
         self.recording = False
-        self.ee_log: list[tuple[float, float, float]] = []
         self.js_log: list[tuple[float, tuple[float, ...]]] = []
         self.plan_stamps: list[float] = []
         self.plan_ages: list[float] = []
@@ -212,7 +209,6 @@ class _Supervisor:
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self.clock_pub = n.create_publisher(Clock, "/clock", 10)
         n.create_subscription(String, "/sim_arm/task", self._on_task, latched)
-        n.create_subscription(PointStamped, "/sim_arm/end_effector", self._on_ee, 100)
         n.create_subscription(JointState, "/joint_states", self._on_js, 100)
         n.create_subscription(JointTrajectory, "/policy_node/plan", self._on_plan,
                               QoSProfile(depth=4, reliability=ReliabilityPolicy.RELIABLE))
@@ -229,29 +225,32 @@ class _Supervisor:
         self._clock_thread.start()
 
     def _clock_loop(self) -> None:
-        last = time.monotonic()
+        """Steps of CLOCK_STEP sim seconds, one every CLOCK_STEP / speed wall seconds; a
+        step is skipped while the arm lags (its joint states are not yet out for the
+        current time). Time lost to a busy machine is not caught up in a burst."""
+        step_ns = int(round(CLOCK_STEP * 1e9))
+        t_ns = int(round(self.sim_time * 1e9))
+        last = due = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
-            wall_dt, last = now - last, now
             with self.lock:
-                advance = min(self.speed * wall_dt, MAX_CLOCK_STEP)
                 lagging = self.js_stamp is not None and \
                     self.sim_time - self.js_stamp > ARM_LAG_LIMIT
-                if self.running_clock and not lagging:
-                    self.sim_time += advance
-                    self.sim_advanced += advance
-                    self.wall_running += wall_dt
-                elif self.running_clock:
-                    self.wall_running += wall_dt
-                t = self.sim_time
+                self.wall_running += now - last
+                if not lagging:
+                    t_ns += step_ns
+                    self.sim_time = t_ns * 1e-9
+                    self.sim_advanced += CLOCK_STEP
+                speed = self.speed
+            last = now
             msg = self._Clock()
-            msg.clock.sec = int(t)
-            msg.clock.nanosec = int(round((t - int(t)) * 1e9)) % 1_000_000_000
+            msg.clock.sec, msg.clock.nanosec = divmod(t_ns, 1_000_000_000)
             try:
                 self.clock_pub.publish(msg)
             except Exception:  # context shut down under us
                 return
-            self._stop.wait(CLOCK_PERIOD)
+            due = max(due + CLOCK_STEP / speed, time.monotonic() - CLOCK_STEP / speed)
+            self._stop.wait(max(0.0, due - time.monotonic()))
 
     def now(self) -> float:
         with self.lock:
@@ -267,12 +266,6 @@ class _Supervisor:
         data = json.loads(msg.data)
         with self.lock:
             self.task = data
-
-    def _on_ee(self, msg) -> None:
-        t = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-        with self.lock:
-            if self.recording:
-                self.ee_log.append((t, msg.point.x, msg.point.y))
 
     def _on_js(self, msg) -> None:
         t = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
@@ -369,7 +362,6 @@ def run_closed_loop(policy_path: str | Path, episodes: int = 20, seed: int = 0,
     import os
 
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
     from dp_ros import bringup
@@ -417,7 +409,9 @@ def run_closed_loop(policy_path: str | Path, episodes: int = 20, seed: int = 0,
         nodes = bringup.create_nodes(local, params, node_overrides, context=context)
         group.start()
         by_name = {n.get_name(): n for n in nodes}
-        executor = MultiThreadedExecutor(num_threads=4, context=context)
+        # one thread: rclpy's multi-threaded executor costs several times more CPU per
+        # callback, and nothing here blocks (services are called from this thread)
+        executor = _executor(context)
         for node in nodes + [sup.node]:
             executor.add_node(node)
         spin_thread = threading.Thread(target=executor.spin, name="closed_loop_spin",
@@ -435,11 +429,13 @@ def run_closed_loop(policy_path: str | Path, episodes: int = 20, seed: int = 0,
         sup.wait_sim(lambda: sup.js_stamp is not None and sup.plan_stamps,
                      "the first joint state and plan (is the policy node planning?)",
                      wall_timeout=WALL_TIMEOUT + 60.0)
+        _check_alone(sup.node, domain_id)
         log(f"running {episodes} episodes with {Path(policy_path).name} at up to "
             f"{speed:g}x real time")
         records = []
         for k in range(episodes):
-            records.append(_run_episode(sup, k, cfg.dt, cfg.T_o, time_limit))
+            records.append(_run_episode(sup, k, cfg.dt, cfg.T_o, time_limit,
+                                        by_name["sim_arm"].geometry))
             if on_episode is not None:
                 on_episode(records[-1])
         sup.set_enabled(False)
@@ -471,6 +467,25 @@ def run_closed_loop(policy_path: str | Path, episodes: int = 20, seed: int = 0,
             spin_thread.join(timeout=5.0)
 
 
+def _check_alone(node, domain_id: Optional[int]) -> None:
+    """Another /clock or arm on this DDS domain would corrupt the run (or be driven by
+    it): refuse, naming the topic."""
+    import os
+    for topic in ("/clock", "/joint_states", "/arm_controller/joint_trajectory"):
+        ours = 1  # the supervisor's clock, the sim's joint states, the executor's commands
+        count = node.count_publishers(topic)
+        if count > ours:
+            domain = domain_id if domain_id is not None else os.environ.get("ROS_DOMAIN_ID", 0)
+            raise ClosedLoopError(
+                f"{count - ours} other publisher(s) of {topic} on ROS domain {domain}: another "
+                "robot or simulation is running there; use another domain (domain_id)")
+
+
+def _executor(context):
+    from rclpy.executors import SingleThreadedExecutor
+    return SingleThreadedExecutor(context=context)
+
+
 def _float(text: Optional[str]) -> Optional[float]:
     try:
         return float(text)
@@ -479,14 +494,13 @@ def _float(text: Optional[str]) -> Optional[float]:
 
 
 def _run_episode(sup: _Supervisor, k: int, dt: float, T_o: int,
-                 time_limit: Optional[float]) -> EpisodeRecord:
+                 time_limit: Optional[float], geometry) -> EpisodeRecord:
     wall0 = time.monotonic()
     sup.set_enabled(False)
     t_off = sup.now()
     sup.wait_sim(lambda: sup.now() >= t_off + SETTLE, "the clock (is /clock advancing?)")
     with sup.lock:
         sup.recording = False
-        sup.ee_log.clear()
         sup.js_log.clear()
     episode = sup.reset()
     t_reset = sup.now()
@@ -513,8 +527,6 @@ def _run_episode(sup: _Supervisor, k: int, dt: float, T_o: int,
     with sup.lock:
         sup.recording = False
         task = dict(sup.task or {})
-        ee = np.array([(x, y) for _, x, y in sup.ee_log]).reshape(-1, 2)
-        ee_t = np.array([t for t, _, _ in sup.ee_log])
         js = sup.js_log[:]
     t_end = sup.now()
     ours = task.get("seed") == episode.seed
@@ -523,11 +535,10 @@ def _run_episode(sup: _Supervisor, k: int, dt: float, T_o: int,
     # task times count from the reset; report them from the enable
     time_to_goal = None if reached is None else max(0.0, reached - (t_enable - t_reset))
     j_t = np.array([t for t, _ in js])
-    joints = np.array([q for _, q in js]).reshape(len(js), -1)
-    keep = j_t >= t_enable if len(j_t) else np.zeros(0, bool)
+    joints = np.array([q for _, q in js]).reshape(len(js), geometry.n_joints)
+    keep = j_t >= t_enable
     j_t, joints = j_t[keep], joints[keep]
-    keep = ee_t >= t_enable if len(ee_t) else np.zeros(0, bool)
-    ee, ee_t = ee[keep], ee_t[keep]
+    ee = geometry.end_effector(joints).reshape(-1, 2)
     return EpisodeRecord(
         index=k, episode=episode, success=success,
         collision=bool(ours and task.get("collision")),
@@ -536,4 +547,4 @@ def _run_episode(sup: _Supervisor, k: int, dt: float, T_o: int,
         duration=float(t_end - t_enable),
         min_clearance=task.get("min_clearance") if ours else None,
         switched_sides=switched_sides(ee, episode), wall_seconds=time.monotonic() - wall0,
-        times=ee_t - t_enable, ee=ee, joint_times=j_t - t_enable, joints=joints)
+        times=j_t - t_enable, ee=ee, joint_times=j_t - t_enable, joints=joints)
