@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", help="checkpoint directory: policy_node's policy_path")
     p.add_argument("--use-sim-time", action="store_true", help="every node follows /clock")
     p.add_argument("--single-process", action="store_true",
-                   help="all nodes in one process (MultiThreadedExecutor)")
+                   help="all nodes in one process (one executor thread)")
     p.add_argument("--only", nargs="+", metavar="NODE",
                    help="start only these nodes (obs_aggregator policy_node "
                         "trajectory_executor sim_arm)")

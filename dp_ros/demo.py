@@ -48,30 +48,6 @@ def _say(text: str = "") -> None:
 
 # ----------------------------------------------------------------------------- parameters
 
-def policy_params_file(train_config: str | os.PathLike, out: Path,
-                       base: str | os.PathLike = PARAMS_FILE) -> Path:
-    """The demo robot's parameter file with the aggregator producing what the training
-    config's policy eats (camera size, T_o). Returns ``base`` itself when it already
-    does, else a copy written to ``out``."""
-    base_path = config_file(str(base))
-    data = yaml.safe_load(base_path.read_text())
-    policy = (yaml.safe_load(config_file(str(train_config)).read_text()) or {}).get("policy") or {}
-    agg = data.setdefault("obs_aggregator", {}).setdefault("ros__parameters", {})
-    want = {}
-    cams = policy.get("cameras") or []
-    if cams:
-        want["camera_height"], want["camera_width"] = int(cams[0]["height"]), int(cams[0]["width"])
-    if "T_o" in policy:
-        want["T_o"] = int(policy["T_o"])
-    if all(agg.get(k) == v for k, v in want.items()):
-        return base_path
-    agg.update(want)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# {base_path} with obs_aggregator set for {config_file(str(train_config))}\n"
-                   + yaml.safe_dump(data, sort_keys=False))
-    return out
-
-
 # ----------------------------------------------------------------------------- demonstrations
 
 def synthesize_store(out: str | os.PathLike, episodes: int, seed: int = 0,
@@ -216,14 +192,15 @@ def episode_line(r) -> str:
 
 
 def summary_table(results: Sequence, labels: Sequence[str]) -> str:
-    head = (f"  {'policy':<22} {'success':>8} {'left':>6} {'right':>6} {'collisions':>10} "
+    w = max([6] + [len(label) for label in labels])
+    head = (f"  {'policy':<{w}} {'success':>8} {'left':>6} {'right':>6} {'collisions':>10} "
             f"{'switches':>8} {'plan ms (median/p99)':>21}")
     rows = [head, "  " + "-" * (len(head) - 2)]
     for label, res in zip(labels, results):
         s = res.summary()
         lat = (f"{s['plan_latency_median_ms']:.0f} / {s['plan_latency_p99_ms']:.0f}"
                if s["plan_latency_median_ms"] is not None else "-")
-        rows.append(f"  {label:<22} {100 * s['success_rate']:7.0f}% {100 * s['left']:5.0f}% "
+        rows.append(f"  {label:<{w}} {100 * s['success_rate']:7.0f}% {100 * s['left']:5.0f}% "
                     f"{100 * s['right']:5.0f}% {s['collisions']:>10d} {s['side_switches']:>8d} "
                     f"{lat:>21}")
     return "\n".join(rows)
@@ -335,7 +312,7 @@ def run_demo(episodes: int = 20, policy: Optional[str] = None, fresh: bool = Fal
     if fresh and policy is None:
         shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
-    params = policy_params_file(TRAIN_CONFIG, cache / "demo_robot_policy.yaml")
+    params = config_file(PARAMS_FILE)
     policies: list[tuple[str, Path]] = []
     if policy is not None:
         ckpt = Path(policy).expanduser()

@@ -2,7 +2,7 @@
 topic the executor commands) -> obs_aggregator -> policy_node -> trajectory_executor -> the
 commands the fake arm records.
 
-(a) the three nodes in this process (bringup.create_nodes under a MultiThreadedExecutor,
+(a) the three nodes in this process (bringup.create_nodes under bringup.make_executor,
     the code path of `dp-ros up --single-process`), joint_trajectory output;
 (b) the three nodes as separate processes started by `dp-ros up`, position_stream output;
 (c) latency compensation: inference delayed by 300 ms (the policy worker's planning call
@@ -34,7 +34,7 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
-from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 from std_msgs.msg import Float64MultiArray  # noqa: E402
@@ -191,7 +191,7 @@ def run_in_process(ctx, tmp_path, arm: FakeArm, mode: str, ckpt: Path, max_veloc
                                             "trajectory_executor")]
     overrides = {s.name: bringup.parameter_overrides(s, str(ckpt)) for s in specs}
     nodes = bringup.create_nodes(specs, params, overrides, context=ctx)
-    executor = MultiThreadedExecutor(num_threads=6, context=ctx)
+    executor = bringup.make_executor(ctx)
     for node in [arm.node] + nodes:
         executor.add_node(node)
     spinner = Spinner(executor)

@@ -19,11 +19,11 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
+from dp_ros import bringup  # noqa: E402
 from dp_ros.data.from_bags import load_node_parameters, load_sources  # noqa: E402
 from dp_ros.evaluate_bag import evaluate_bag  # noqa: E402
 from dp_ros.nodes.bag_player import BagPlayer  # noqa: E402
@@ -84,7 +84,7 @@ def test_replayed_bag_gives_eval_bag_plans_and_loops_are_survived(eval_assets,  
 
     player = BagPlayer(player_node, str(a["mcap"]), rate=2.0, clock_hz=100.0, loop=True,
                        topics=topics, before_clock=delivered)
-    executor = MultiThreadedExecutor(num_threads=3, context=ros_context)
+    executor = bringup.make_executor(ros_context)
     for node in (aggregator, policy_node, executor_node, probe):
         executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)

@@ -117,7 +117,7 @@ def test_dataset_from_bags_holds_the_recorded_ticks(bags, tmp_path, capsys):
     obs_src, _ = load_sources(CONFIG)
     store = EpisodeStore.open(store_path)
     assert store.n_episodes == 2 * EPISODES
-    assert store.camera_names == ["image"] and store.camera_shapes["image"] == (96, 96)
+    assert store.camera_names == ["image"] and store.camera_shapes["image"] == (64, 64)
     assert store.state_names == store.action_names == ["joint_1", "joint_2"]
     assert store.dt == pytest.approx(0.1)
     evs = events(bags["mcap"])
@@ -145,7 +145,7 @@ def test_dataset_from_bags_holds_the_recorded_ticks(bags, tmp_path, capsys):
         img = latest("/camera/image_raw", t)
         pixels = np.asarray(img.data).reshape(img.height, img.width, 3)
         np.testing.assert_array_equal(ep["images"]["image"][i],
-                                      preprocess_image(pixels, img.encoding, 96, 96))
+                                      preprocess_image(pixels, img.encoding, 64, 64))
     # the arm moves and the images change during an episode
     assert np.abs(ep["state"][-1] - ep["state"][0]).max() > 0.5
     assert not np.array_equal(ep["images"]["image"][0], ep["images"]["image"][-1])

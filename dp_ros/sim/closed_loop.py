@@ -1,26 +1,29 @@
 """Closed-loop evaluation of a policy on the simulated arm, through real DDS topics.
 
-``run_closed_loop(policy_path, episodes=20)`` starts sim_arm, obs_aggregator, policy_node
-and trajectory_executor in this process (the node set and parameter file of
-``dp-ros up --single-process``, every node on ``use_sim_time``) plus a small supervisor
-node, and runs seeded episodes:
+``run_closed_loop(policy_path, episodes=20)`` starts the node set of ``dp-ros up`` with
+the demo robot's parameter file, every node on ``use_sim_time``: policy_node in a process
+of its own (as ``dp-ros up`` runs it: inference never shares a GIL with the control
+loop), sim_arm, obs_aggregator and trajectory_executor in this process under one
+single-threaded executor, plus a small supervisor node. Then it runs seeded episodes:
 
     disable the executor -> ~/reset the sim (next seed) -> wait until the policy has
     planned on observations of the new episode only -> enable the executor -> watch
     sim_arm/~/task until success, collision or the time limit
 
-The supervisor publishes ``/clock``: simulated time runs at ``speed`` times the wall clock
-(faster than real time when inference keeps up), and never runs ahead of the simulated
-arm (it waits when the arm's joint states fall behind, e.g. on a loaded machine). Every
-node therefore sees a consistent clock, and plan latency, measured on that clock, is
-``speed`` times the wall-clock inference time: the receding-horizon schedule has to cope
-with it as it would on a robot.
+The supervisor publishes ``/clock`` in 10 ms steps: simulated time runs at up to
+``speed`` times the wall clock when inference keeps up (a plan arrives within
+AGE_BUDGET of its stamp), slows down to real time when it does not, and never runs
+ahead of the simulated arm (it waits when the arm's joint states fall behind, e.g. on a
+loaded machine). Plan latency on that clock is the speed times the wall-clock inference
+time: the receding-horizon schedule copes with it as it would on a robot.
 
 Per episode it records success, collision, side, the time from enable to the goal, the
 executed end-effector and joint paths, and whether the arm changed sides after
 committing to one (mode commitment). Plan latency comes from the policy node's
-/diagnostics. The runner picks an isolated DDS domain only if asked: the caller decides
-(``dp-ros demo`` does, so it can never drive a real arm on the default domain).
+/diagnostics. The DDS domain is the caller's choice (``domain_id``; ``dp-ros demo`` uses a
+domain of its own, localhost only); the runner refuses to run when anything else on that
+domain publishes /clock, /joint_states or arm commands (a real arm must never be driven
+by the demo, and a second clock would corrupt the run).
 """
 
 from __future__ import annotations
@@ -195,7 +198,6 @@ class _Supervisor:
         self.age_budget = float(age_budget)
         self.watchdog: Callable[[], None] = lambda: None
         self.sim_time = CLOCK_START
-        self.running_clock = True
         self.wall_running = 0.0   # wall s the clock was advancing
         self.sim_advanced = 0.0   # sim s it advanced meanwhile
         self.task: Optional[dict] = None
@@ -411,7 +413,7 @@ def run_closed_loop(policy_path: str | Path, episodes: int = 20, seed: int = 0,
         by_name = {n.get_name(): n for n in nodes}
         # one thread: rclpy's multi-threaded executor costs several times more CPU per
         # callback, and nothing here blocks (services are called from this thread)
-        executor = _executor(context)
+        executor = bringup.make_executor(context)
         for node in nodes + [sup.node]:
             executor.add_node(node)
         spin_thread = threading.Thread(target=executor.spin, name="closed_loop_spin",
@@ -481,11 +483,6 @@ def _check_alone(node, domain_id: Optional[int]) -> None:
                 "robot or simulation is running there; use another domain (domain_id)")
 
 
-def _executor(context):
-    from rclpy.executors import SingleThreadedExecutor
-    return SingleThreadedExecutor(context=context)
-
-
 def _float(text: Optional[str]) -> Optional[float]:
     try:
         return float(text)
@@ -533,7 +530,7 @@ def _run_episode(sup: _Supervisor, k: int, dt: float, T_o: int,
     success = bool(ours and task.get("success"))
     reached = task.get("time_to_goal") if ours and success else None
     # task times count from the reset; report them from the enable
-    time_to_goal = None if reached is None else max(0.0, reached - (t_enable - t_reset))
+    time_to_goal = None if reached is None else round(max(0.0, reached - (t_enable - t_reset)), 3)
     j_t = np.array([t for t, _ in js])
     joints = np.array([q for _, q in js]).reshape(len(js), geometry.n_joints)
     keep = j_t >= t_enable
