@@ -38,8 +38,11 @@ setup(
     ],
     extras_require={
         "ros": ROS_WHEELS,
-        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
-        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.27"],
+        # onnx-ir: onnxruntime's MatMulNBits quantizer (int8 export) imports it
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.20", "onnx-ir>=0.1"],
+        # onnx + onnxruntime: the ONNX export is checked against torch in CI
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.27",
+                 "onnx>=1.15", "onnxruntime>=1.20", "onnx-ir>=0.1"],
     },
     zip_safe=True,
     maintainer="dp_ros maintainers",

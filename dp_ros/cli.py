@@ -1,4 +1,4 @@
-"""`dp-ros` command line: demo, train, dataset, record-demos, play, bench, up.
+"""`dp-ros` command line: demo, train, dataset, record-demos, play, bench, soak, up.
 
 Each subcommand is a thin wrapper over a library function, so everything a command does can
 also be done from Python.
@@ -61,11 +61,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "policy":
         from .bench.policy import run
         which = ("cnn", "transformer") if args.config == "both" else (args.config,)
-        run(iterations=args.iterations, device=args.device, which=which)
-        return 0
+        return run(iterations=args.iterations, device=args.device, which=which,
+                   backends=tuple(args.backend), precisions=tuple(args.precision),
+                   warm_start_steps=tuple(args.warm_start_steps), compare=args.compare,
+                   lerobot_venv=args.lerobot_venv, threads=args.threads)
     if args.what == "ros":
         from .bench.ros import run as run_ros
-        return run_ros(seconds=args.seconds, device=args.device)
+        return run_ros(seconds=args.seconds, device=args.device,
+                       realtime_priority=args.realtime_priority)
     print(f"dp-ros bench: unknown benchmark {args.what!r}", file=sys.stderr)
     return 2
 
@@ -116,6 +119,30 @@ def cmd_import(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"  note: {note}")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .policy import CheckpointError, load_policy
+    from .policy.export import export_policy
+    try:
+        policy = load_policy(args.ckpt, device="cpu", seed=0)
+    except CheckpointError as exc:
+        print(f"dp-ros export: {exc}", file=sys.stderr)
+        return 2
+    try:
+        manifest = export_policy(policy, args.onnx, int8=args.int8,
+                                 torch_precisions=tuple(args.check_precision or ()))
+    except (ValueError, RuntimeError) as exc:
+        print(f"dp-ros export: {exc}", file=sys.stderr)
+        return 2
+    eq = manifest["equality"]
+    return 0 if max(eq["max_abs"].values()) <= eq["tolerance"] else 1
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from .soak import run
+    return run(minutes=args.minutes, warmup=args.warmup, policy=args.policy, out=args.out,
+               progress=not args.quiet, domain_id=args.domain_id)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -242,6 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seconds", type=float, default=30.0, help="ros: measurement time")
+    p.add_argument("--backend", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
+                   help="policy: inference backends to time (default torch)")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16", "int8"],
+                   default=["fp32"], help="policy: precisions to time where the backend offers "
+                   "them (bf16/fp16: torch, int8: onnxruntime), with their accuracy vs fp32")
+    p.add_argument("--warm-start-steps", nargs="+", type=int, default=[], metavar="N",
+                   help="policy: also time warm-started plans with N denoising steps")
+    p.add_argument("--compare", choices=["lerobot"],
+                   help="policy: run LeRobot 0.4.4's DiffusionPolicy on the same weights and "
+                   "noise (subprocess in its own venv), check equal actions, time alternately")
+    p.add_argument("--lerobot-venv", metavar="PATH",
+                   help="policy: LeRobot's virtual environment (created there when missing; "
+                   "default under the dp_ros cache folder)")
+    p.add_argument("--threads", type=int, help="policy: torch/onnxruntime threads "
+                   "(default: torch's)")
+    p.add_argument("--realtime-priority", type=int, default=0, metavar="N",
+                   help="ros: run the aggregator and executor under SCHED_FIFO priority N "
+                        "(their realtime_priority parameter; needs CAP_SYS_NICE or rtprio)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("import", help="convert a LeRobot or diffusion_policy checkpoint into a "
@@ -266,6 +311,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion-policy: use state_dicts.model even when EMA weights exist")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="write a checkpoint as ONNX (encoder per camera, denoiser) "
+                       "and check it against torch",
+                       description="Export a checkpoint for the onnxruntime backend: the encoder "
+                       "per camera and the denoiser (one step, and for DDIM the unrolled loop; the "
+                       "faster is recorded) with the normaliser folded in. Prints the largest "
+                       "action difference from the torch backend on fixed windows (must be <= "
+                       "1e-4) and, when asked, the accuracy gate of reduced precisions.")
+    p.add_argument("ckpt", help="checkpoint directory")
+    p.add_argument("--onnx", required=True, metavar="OUT", help="directory to write the ONNX files to")
+    p.add_argument("--int8", action="store_true",
+                   help="also write int8-quantized denoiser weights and gate them against fp32")
+    p.add_argument("--check-precision", nargs="+", choices=["bf16", "fp16"], metavar="P",
+                   help="also run the accuracy gate of the torch backend at these precisions")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("soak", help="run the nodes for N minutes (2 cameras 640x480 at 30 Hz, "
+                       "joint states at 500 Hz) and check memory, queues, drops and the "
+                       "safety contract",
+                       description="Runs the sensor source and the three nodes as processes for "
+                       "--minutes after --warmup and prints: resident memory per node after "
+                       "warm-up and at the end (growth must stay < 5%%), queue sizes (must not "
+                       "grow), dropped windows against those inference time makes necessary, and "
+                       "safety-contract violations (must be 0). Exit code 1 when a criterion "
+                       "fails. Details: the docstring of dp_ros/soak.py.")
+    p.add_argument("--minutes", type=float, default=10.0, help="measurement time (after warm-up)")
+    p.add_argument("--warmup", type=float, default=30.0, help="seconds before measuring")
+    p.add_argument("--policy", help="checkpoint (default: the cached demo policy, else a "
+                   "small generated one)")
+    p.add_argument("--out", default="soak", help="directory for soak.json and soak_rss.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--domain-id", type=int, default=None,
+                   help="ROS domain for the run (default: one derived from the process id)")
+    p.set_defaults(func=cmd_soak)
 
     p = sub.add_parser("up", help="start the nodes (one process each) without ros2 launch")
     p.add_argument("--config", required=True,

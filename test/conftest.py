@@ -38,6 +38,17 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def main_thread_stays_normal_priority():
+    """A node built with realtime_priority > 0 on the test's own thread would leave every
+    later test running under SCHED_FIFO: such tests must build their nodes on a thread of
+    their own. Fails the test that did it (and restores normal scheduling)."""
+    yield
+    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) != os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        pytest.fail("the test left the main thread under a real-time scheduling policy")
+
+
 @pytest.fixture
 def ros_domain(monkeypatch) -> int:
     """A domain id of this test's own, exported so subprocesses join it too."""

@@ -21,30 +21,10 @@ import yaml
 
 from dp_ros import bringup
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers_ros import REPO, pid_alive, subprocess_env, wait_for, write_yaml  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.02) -> None:
-    """Poll `cond` until it holds; AssertionError naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def subprocess_env() -> dict[str, str]:
-    """This process's environment (ROS_DOMAIN_ID of the test included) + what the pip ROS
-    wheels need in a child."""
-    env = dict(os.environ)
-    env.setdefault("AMENT_PREFIX_PATH", sys.prefix)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
 
 class UpProcess:
     """`python -m dp_ros.cli up ...` with its stderr collected on a thread."""
@@ -98,20 +78,6 @@ class UpProcess:
                 except ProcessLookupError:
                     pass
         self._reader.join(5)
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie of a still-running parent counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 AGGREGATOR_ONLY = {"obs_aggregator": {"ros__parameters": {

@@ -2,9 +2,9 @@
 
 A diffusion policy and the MSE regression baseline (same encoder, same data, same
 config/train_demo.yaml except ``head``) are trained on 100 expert demonstrations of the
-simulated task, then each runs 20 held-out seeded episodes through sim_arm +
-obs_aggregator + policy_node (its own process) + trajectory_executor on DDS topics,
-under a simulated clock (dp_ros.sim.closed_loop). Shown:
+simulated task, then the diffusion policy runs 20 held-out seeded episodes (the baseline
+10) through sim_arm + obs_aggregator + policy_node (its own process) + trajectory_executor
+on DDS topics, under a simulated clock (dp_ros.sim.closed_loop). Shown:
 
 - the diffusion policy succeeds in >= 90% of the episodes, using both ways round the
   obstacle (each >= 25% of the episodes);
@@ -20,7 +20,7 @@ test_synthesized_demos_equal_recorded_bag_dataset shows that this is the very da
 the same 10 s limit per episode (the expert needs about 6 s).
 
 Budget (2 cores, nothing else running): demonstrations ~20 s, both trainings in
-parallel ~1-2 min, evaluation ~1.5 min per policy.
+parallel ~1-2 min, evaluation ~1.5 min (diffusion) and ~1 min (baseline).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import pytest
 pytest.importorskip("rclpy")
 
 from conftest import fresh_domain_id  # noqa: E402
-from dp_ros.demo import (PARAMS_FILE, TRAIN_CONFIG,  # noqa: E402
+from dp_ros.demo import (PARAMS_FILE,  # noqa: E402
                          summary_table, synthesize_store)
 from dp_ros.paths import config_file  # noqa: E402
 from dp_ros.sim.closed_loop import run_closed_loop  # noqa: E402
@@ -46,6 +46,7 @@ pytestmark = pytest.mark.ros
 
 DEMOS = 100
 EPISODES = 20
+BASELINE_EPISODES = 10  # it fails nearly always: 10 episodes show the 30-point gap
 EVAL_SEED = 10_000      # training episodes are seeds 1..DEMOS
 TIME_LIMIT = 10.0       # s of sim time per episode, from enabling the executor
 TIMINGS: dict[str, float] = {}
@@ -80,9 +81,9 @@ def policies(tmp_path_factory) -> dict[str, Path]:
     return {head: root / head / "latest" for head in procs}
 
 
-def _evaluate(policy: Path, name: str, speed: float):
+def _evaluate(policy: Path, name: str, speed: float, episodes: int):
     t0 = time.monotonic()
-    result = run_closed_loop(policy, episodes=EPISODES, seed=EVAL_SEED, speed=speed,
+    result = run_closed_loop(policy, episodes=episodes, seed=EVAL_SEED, speed=speed,
                              time_limit=TIME_LIMIT, domain_id=fresh_domain_id())
     TIMINGS[f"closed loop {name}"] = time.monotonic() - t0
     (policy.parent / "closed_loop.json").write_text(result.to_json())
@@ -98,13 +99,14 @@ def _evaluate(policy: Path, name: str, speed: float):
 
 @pytest.fixture(scope="module")
 def diffusion(policies):
-    return _evaluate(policies["diffusion"], "diffusion", speed=2.0)
+    return _evaluate(policies["diffusion"], "diffusion", speed=2.0, episodes=EPISODES)
 
 
 @pytest.fixture(scope="module")
 def regression(policies):
     # plans take milliseconds: the clock may run faster
-    return _evaluate(policies["regression"], "regression", speed=4.0)
+    return _evaluate(policies["regression"], "regression", speed=4.0,
+                     episodes=BASELINE_EPISODES)
 
 
 def test_synthesized_demos_equal_recorded_bag_dataset(tmp_path):
@@ -155,5 +157,5 @@ def test_diffusion_policy_commits_to_one_side(diffusion):
 def test_regression_baseline_is_at_least_30_points_worse(diffusion, regression):
     d, r = diffusion.success_rate, regression.success_rate
     print(summary_table([diffusion, regression], ["diffusion", "regression (MSE)"]))
-    assert regression.n == EPISODES
+    assert regression.n == BASELINE_EPISODES
     assert r <= d - 0.30, f"diffusion {d:.0%}, regression {r:.0%}"

@@ -46,7 +46,8 @@ from dp_ros.nodes.trajectory_conv import duration_to_ns, trajectory_to_plan  # n
 from dp_ros.nodes.window_msgs import WINDOW_QOS, stamp_to_ns, window_state_topic  # noqa: E402
 
 from helpers_policy import make_checkpoint, small_config  # noqa: E402
-from test_bringup import UpProcess, pid_alive, wait_for, write_yaml  # noqa: E402
+from helpers_ros import Spinner, pid_alive, stop_in_process, wait_for, write_yaml  # noqa: E402
+from test_bringup import UpProcess  # noqa: E402
 
 pytestmark = pytest.mark.ros
 
@@ -159,30 +160,6 @@ class FakeArm:
             return list(self.commands), list(self.plans), list(self.windows)
 
 
-class Spinner:
-    """Spins an executor on a thread until stopped."""
-
-    def __init__(self, executor):
-        self.executor = executor
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                self.executor.spin_once(timeout_sec=0.05)
-            except Exception:  # context shut down under us: stop
-                if self._stop.is_set():
-                    return
-                raise
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(10)
-        self.executor.shutdown()
-
-
 def run_in_process(ctx, tmp_path, arm: FakeArm, mode: str, ckpt: Path, max_velocity: float,
                    lead: float, enough, timeout: float = 120.0):
     """The three nodes in this process, built by bringup from a parameter file."""
@@ -199,11 +176,7 @@ def run_in_process(ctx, tmp_path, arm: FakeArm, mode: str, ckpt: Path, max_veloc
         wait_for(lambda: enough(*arm.snapshot()), timeout, "enough plans and commands",
                  poll=0.2)
     finally:
-        bringup.stop_nodes(nodes)
-        spinner.stop()
-        for node in reversed(nodes):
-            node.destroy_node()
-        arm.node.destroy_node()
+        stop_in_process(nodes, spinner, arm.node)
 
 
 def plans_followed(commands, plans) -> set[int]:

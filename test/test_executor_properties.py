@@ -9,18 +9,21 @@ names, arrival times) interleaved with control ticks and backward clock jumps:
      max_velocity * control_dt from the previous one (the re-timed horizon is feasible
      from the last command at max_velocity);
   3. whenever no valid, fresh plan covers now, the last command is held exactly.
-The oracle for 3 is independent of the executor: validate_plan + stamp/time arithmetic.
+The oracle is dp_ros.control.contract.ContractChecker (the same checker the fault suite
+and `dp-ros soak` use), independent of the executor: validate_plan + stamp/time
+arithmetic; fed the executor's exact `now`, so its timing tolerances are zero. Besides
+the command stream, the executor must say it is holding (status and reason) whenever
+the checker finds that no plan can cover now.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dp_ros.control.contract import ContractChecker
 from dp_ros.control.executor import HOLDING, PlanExecutor
 from dp_ros.control.limits import JointLimits
 from dp_ros.control.plan import Plan, PlanRejected, seconds_to_ns, validate_plan
@@ -67,22 +70,6 @@ def plans(draw, now: float) -> Plan:
     return Plan(seconds_to_ns(stamp), names, tfs, pos)
 
 
-@dataclass
-class Submitted:
-    plan: Plan | None  # validated (reordered) plan, None when invalid
-    arrival: float
-    epoch: int         # clock epoch: a backward jump starts a new one
-
-
-def covers(s: Submitted, now: float, lead: float, timeout: float, epoch: int) -> bool:
-    """A valid, fresh plan that covers now (independent of the executor's bookkeeping)."""
-    p = s.plan
-    if p is None or s.epoch != epoch:
-        return False
-    fresh = now - p.stamp <= timeout and p.stamp <= s.arrival + timeout
-    return fresh and not (now + lead > p.times[-1])
-
-
 tick_event = st.tuples(st.just("tick"), st.integers(1, 40),
                        st.sampled_from([CTRL_DT] * 4 + [0.004, 0.03]))
 events = st.lists(st.one_of(
@@ -100,33 +87,26 @@ events = st.lists(st.one_of(
 @pytest.mark.parametrize("output_mode", ["position_stream", "joint_trajectory"])
 def test_command_stream_satisfies_safety_contract(output_mode, data, evts, lead, timeout,
                                                   crossfade, q0):
-    ex = PlanExecutor(NAMES, JointLimits.create(2, LOWER, UPPER, VMAX), lead, timeout,
-                      crossfade, CTRL_DT)
-    now, epoch = START, 0
+    limits = JointLimits.create(2, LOWER, UPPER, VMAX)
+    ex = PlanExecutor(NAMES, limits, lead, timeout, crossfade, CTRL_DT)
+    checker = ContractChecker(NAMES, limits, lead, timeout, CTRL_DT)
+    now = START
     ex.enable(np.array(q0), now)
-    prev = np.array(q0)
-    submitted: list[Submitted] = []
-    sent = None  # joint_trajectory: (absolute knot times, positions) the controller follows
+    checker.set_position(now, q0)
 
     def tick():
-        nonlocal prev, sent
-        cmd = ex.command(now)
-        q = cmd.positions
+        cmd = ex.command(now)  # the node runs this every control period in both modes
         assert cmd.time == now + lead
-        assert np.all(np.isfinite(q)) and np.all(q >= LOWER) and np.all(q <= UPPER)
-        assert np.all(np.abs(q - prev) <= VMAX * CTRL_DT + EPS)
-        if not any(covers(s, now, lead, timeout, epoch) for s in submitted):
-            assert cmd.status == HOLDING, cmd
-        if cmd.status == HOLDING:
-            assert np.array_equal(q, prev)
-        prev = q
-        if output_mode == "joint_trajectory":
-            # the controller is where the last sent horizon says at `now`: the new one must
-            # continue from there within the velocity limit
-            start = q if sent is None else np.array(
-                [np.interp(now, sent[0], sent[1][:, j]) for j in range(2)])
-            sent = check_horizon(ex, now, start, cmd.status)
-            prev = ex.last_command
+        if not checker.may_be_covered(now):
+            assert cmd.status == HOLDING and cmd.reason, cmd  # says it holds, and why
+        if output_mode == "position_stream":
+            checker.stream_command(now, cmd.positions, for_time=cmd.time)
+        else:
+            t, p, v = ex.remaining_trajectory(now)
+            checker.trajectory_command(now, t, p, v)
+            if cmd.status == HOLDING:
+                assert len(t) == 1  # a hold is one point
+        assert checker.total == 0, checker.summary()
 
     for kind, a, b in evts:
         if kind == "tick":
@@ -137,32 +117,56 @@ def test_command_stream_satisfies_safety_contract(output_mode, data, evts, lead,
             now += a
             plan = data.draw(plans(now))
             try:
-                valid = validate_plan(plan, NAMES)
+                validate_plan(plan, NAMES)
+                valid = True
             except PlanRejected:
-                valid = None
+                valid = False
             result = ex.submit(plan, now)
-            if valid is None:
+            if not valid:
                 assert result.status == "rejected"
-            submitted.append(Submitted(valid, now, epoch))
+            checker.plan(now, plan)
         else:
             now -= a
-            epoch += 1
-            sent = None  # a new timeline: the old horizon's times mean nothing
             tick()
 
 
-def check_horizon(ex: PlanExecutor, now: float, last: np.ndarray, status: str):
-    """joint_trajectory output: future points only, feasible from where the controller is
-    (`last`); returns the horizon as absolute knots."""
-    t, p, v = ex.remaining_trajectory(now)
-    assert len(t) >= 1 and np.all(np.isfinite(p)) and np.all(np.isfinite(v))
-    assert np.all(t > 0.0)  # plan time now + lead + t is after now + lead
-    assert np.all(np.diff(t) > 0.0)
-    assert np.all(p >= LOWER) and np.all(p <= UPPER)
-    knots_t = np.concatenate(([0.0], t))
-    knots_p = np.vstack((last, p))
-    assert np.all(np.abs(np.diff(knots_p, axis=0)) <= VMAX * np.diff(knots_t)[:, None] + EPS)
-    assert np.all(np.abs(v) <= VMAX + EPS)
-    if status == HOLDING:
-        assert len(t) == 1 and np.allclose(p[0], last, atol=EPS)
-    return np.concatenate(([now], now + t)), knots_p
+def test_checker_catches_broken_streams():
+    """The oracle itself: each clause is detected when broken (a checker that cannot fail
+    would make the property above vacuous)."""
+    limits = JointLimits.create(2, LOWER, UPPER, VMAX)
+    plan = Plan.at_times(START, NAMES, START + np.arange(5) * 0.1,
+                         np.linspace([0.0, 0.0], [0.02, 0.04], 5))
+
+    def fresh(mode_q0=(0.0, 0.0)):
+        c = ContractChecker(NAMES, limits, 0.02, 1.0, CTRL_DT)
+        c.set_position(START, mode_q0)
+        return c
+
+    c = fresh()  # clause 1: a point at or before now
+    c.plan(START, plan)
+    c.trajectory_command(START + 0.01, [0.0, 0.05], [[0.001, 0.0], [0.01, 0.02]])
+    assert c.counts[1] == 1
+    c = fresh()  # clause 1: a plan knot scheduled after its time (executed late)
+    c.plan(START, plan)
+    c.trajectory_command(START + 0.01, [0.1, 0.2], plan.positions[1:3])
+    assert c.counts[1] == 1 and c.counts[2] == 0
+    c = fresh()  # the same knots at their own times: fine
+    c.plan(START, plan)
+    c.trajectory_command(START + 0.01, [0.1 - 0.03, 0.2 - 0.03], plan.positions[1:3])
+    assert c.total == 0, c.summary()
+    c = fresh()  # clause 2: outside the limits, and a jump beyond the velocity limit
+    c.plan(START, plan)
+    c.stream_command(START + 0.01, [1.5, 0.0])
+    c.stream_command(START + 0.02, [0.0, 0.0])
+    assert c.counts[2] >= 2
+    c = fresh()  # clause 3: moving with no plan
+    c.stream_command(START + 0.01, [0.001, 0.0])
+    c.trajectory_command(START + 0.02, [0.01, 0.02], [[0.001, 0.0], [0.002, 0.0]])
+    assert c.counts[3] == 2 and c.counts[2] == 0
+    c = fresh()  # clause 3: the plan went stale; then a clock jump back voids the old plans
+    c.plan(START, plan)
+    c.stream_command(START + 0.2, [0.004, 0.0])
+    c.stream_command(START + 1.5, [0.008, 0.0])
+    assert c.counts[3] == 1
+    c.stream_command(START + 0.1, [0.012, 0.0])
+    assert c.counts[3] == 2 and c.clock_jumps == 1

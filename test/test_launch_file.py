@@ -8,6 +8,7 @@ nodes start with it. Where launch_ros is importable the launch description is bu
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import importlib.util
 import re
 from pathlib import Path
@@ -208,7 +209,11 @@ def test_nodes_start_with_the_config(path, ros_context, tmp_path):
     ckpt = make_checkpoint(tmp_path / "policies" / "ckpt", cfg)
     overrides = {s.name: bringup.parameter_overrides(s, str(ckpt)) for s in specs}
     overrides["policy_node"]["policy_dir"] = str(tmp_path / "policies")
-    nodes = bringup.create_nodes(specs, path, overrides, context=ros_context)
+    # on a thread of its own: a file may set realtime_priority, which applies to the thread
+    # that builds the node (the main thread must stay at normal priority)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        nodes = pool.submit(bringup.create_nodes, specs, path, overrides,
+                            context=ros_context).result()
     try:
         assert [n.get_name() for n in nodes] == [s.name for s in specs]
         for spec, node in zip(specs, nodes):

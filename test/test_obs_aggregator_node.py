@@ -69,6 +69,7 @@ class Driver:
         self.expected = {c: {} for c in CAMERAS}  # camera -> stamp_ns -> preprocessed frame
         self.expected_state: dict[int, np.ndarray] = {}
         self.windows: list[tuple[int, dict]] = []  # (oldest tick ns, decoded window)
+        self.window_clock: list[int] = []  # the driver's clock when each window arrived
         self.decode_errors: list[str] = []
         self.diagnostics: list[tuple[float, dict]] = []  # (sim seconds, name -> status)
         self.rng = np.random.default_rng(0)
@@ -161,6 +162,7 @@ class Driver:
             return
         with self.lock:
             self.windows.append((joined.stamp_ns, window))
+            self.window_clock.append(self.now_ns_unlocked())
 
     def _on_diag(self, msg: DiagnosticArray):
         statuses = {s.name: s for s in msg.status if s.name.startswith("obs_aggregator")}
@@ -277,6 +279,29 @@ def test_windows_match_published_data(system_factory, sim_time):
     with driver.lock:
         window_status = driver.diagnostics[-1][1]["obs_aggregator: window"]
     assert window_status.level == window_status.OK
+
+
+def test_tick_is_built_as_soon_as_every_stream_is_settled(system_factory):
+    """tick_delay is a deadline: the window for tick t leaves as soon as every stream has a
+    sample stamped at or after t (nothing for t can still come), long before t + 0.5 s, and
+    it holds the samples a window built at the deadline would hold."""
+    system = system_factory(sim_time=True, tick_delay=0.5)
+    driver = system.driver
+    wait_for(lambda: len(driver.window_ticks()) >= 6, 30.0, "six windows")
+    with driver.lock:
+        windows, arrived = list(driver.windows), list(driver.window_clock)
+    for (t0, window), clock_ns in zip(windows, arrived):
+        newest_tick = t0 + DT_NS
+        assert clock_ns < newest_tick + 400_000_000, \
+            f"window of tick {newest_tick} arrived {(clock_ns - newest_tick) * 1e-9:.3f} s late"
+        check_window_contents(driver, t0, window)
+    # the frame stamped on a tick (every third tick here) is in the window, not the one before
+    with driver.lock:
+        front = dict(driver.expected["front"])
+    on_tick = [(t0, w) for t0, w in windows if t0 + DT_NS in front]
+    assert on_tick, "no camera frame was stamped on a tick"
+    for t0, w in on_tick:
+        assert np.array_equal(w["images"]["front"][1], front[t0 + DT_NS])
 
 
 FAULTS = [  # fault, stream, diagnostic key counted, staleness of the stream

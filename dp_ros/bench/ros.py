@@ -13,12 +13,14 @@ Setup (every part its own process, on a ROS domain of the bench's own, localhost
 
 Figures
 - pipeline overhead excluding inference, per plan: (plan published - stamp of the newest
-  camera frame the window contains) - inference time. The newest frame is the newest one
-  stamped at or before the plan's tick that was published before the aggregator published
-  the window; the inference time of each plan comes from the policy node's diagnostics
-  (plan_latency_last, with plans_published identifying the plan). Split into: camera
-  stamp -> tick, tick -> window published (aggregator), window -> plan published minus
-  inference (DDS hop + policy node).
+  camera frame the window contains) - inference time - the time the window waited for the
+  worker to finish the previous plan (inference too; shown on a row of its own). The
+  newest frame is the newest one stamped at or before the plan's tick that was published
+  before the aggregator published the window; each plan's inference time and wait come
+  from the policy node's diagnostics (plan_latency_last, plan_queue_wait_last, with
+  plans_published identifying the plan). Split into: camera stamp -> tick, tick -> window
+  published (aggregator), window -> plan published minus inference and wait (DDS hop +
+  policy node).
 - command period jitter: |period - 10 ms| between consecutive executor commands, from
   their source timestamps (and, for reference, from receive times here).
 Targets (2-core machine): overhead p99 <= 5 ms, jitter p99 <= 1 ms. Printed, not asserted.
@@ -84,14 +86,16 @@ def write_bench_policy(directory: Path) -> Path:
     return directory
 
 
-def bench_parameters(policy_path: Path, device: str) -> dict:
+def bench_parameters(policy_path: Path, device: str, realtime_priority: int = 0) -> dict:
     return {
         "obs_aggregator": {"ros__parameters": {
             "camera_names": list(CAMERAS),
             "camera_topics": [f"/bench/{c}/image_raw" for c in CAMERAS],
             "compressed": [False] * len(CAMERAS), "camera_height": 96, "camera_width": 96,
             "joint_states_topic": "/bench/joint_states", "state_joint_names": list(JOINTS),
-            "rate_hz": 10.0, "T_o": 2, "camera_staleness": 0.1, "state_staleness": 0.02}},
+            "rate_hz": 10.0, "T_o": 2, "camera_staleness": 0.1, "state_staleness": 0.02,
+            "tick_delay": 0.01,  # built as soon as the frame stamped on the tick is in
+            "realtime_priority": realtime_priority}},
         "policy_node": {"ros__parameters": {
             "policy_path": str(policy_path), "device": device, "joint_names": list(JOINTS),
             "replan_every": 2, "diagnostics_period": 0.02}},
@@ -99,16 +103,19 @@ def bench_parameters(policy_path: Path, device: str) -> dict:
             "joint_names": list(JOINTS), "joint_states_topic": "/bench/joint_states",
             "output_mode": "position_stream", "command_topic": COMMAND_TOPIC,
             "control_rate_hz": 1e9 / CONTROL_PERIOD_NS, "max_velocity": 10.0,
-            "actuation_lead": 0.02, "autostart": True}},
+            "actuation_lead": 0.02, "autostart": True,
+            "realtime_priority": realtime_priority}},
     }
 
 
 # ----------------------------------------------------------------------------- the source
 
-def run_source(log_path: str) -> int:
-    """The sensor process: joint states at 500 Hz; a camera frame whenever the 30 Hz grid
-    advances (checked at every joint-state step, so it goes out within ~2 ms of its stamp).
-    Runs until SIGINT/SIGTERM, then writes {camera: [[stamp_ns, publish_ns], ...]}."""
+def run_source(log_path: str, height: int = RAW_H, width: int = RAW_W,
+               cameras: tuple[str, ...] = CAMERAS, joints: tuple[str, ...] = JOINTS) -> int:
+    """The sensor process: joint states at 500 Hz; a camera frame (height x width rgb8)
+    whenever the 30 Hz grid advances (checked at every joint-state step, so it goes out
+    within ~2 ms of its stamp). Runs until SIGINT/SIGTERM, then writes
+    {camera: [[stamp_ns, publish_ns], ...]}."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import qos_profile_sensor_data
@@ -123,17 +130,17 @@ def run_source(log_path: str) -> int:
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node("bench_source")
     cam_pubs = {c: node.create_publisher(Image, f"/bench/{c}/image_raw", qos_profile_sensor_data)
-                for c in CAMERAS}
+                for c in cameras}
     js_pub = node.create_publisher(JointState, "/bench/joint_states", 10)
     rng = np.random.default_rng(0)
     images = {}
-    for c in CAMERAS:  # one message per camera, only the stamp changes
-        msg = Image(height=RAW_H, width=RAW_W, encoding="rgb8", step=RAW_W * 3)
-        msg.data = rng.integers(0, 256, (RAW_H, RAW_W, 3), dtype=np.uint8).tobytes()
+    for c in cameras:  # one message per camera, only the stamp changes
+        msg = Image(height=height, width=width, encoding="rgb8", step=width * 3)
+        msg.data = rng.integers(0, 256, (height, width, 3), dtype=np.uint8).tobytes()
         msg.header.frame_id = c
         images[c] = msg
-    js = JointState(name=list(JOINTS))
-    log: dict[str, list[list[int]]] = {c: [] for c in CAMERAS}
+    js = JointState(name=list(joints))
+    log: dict[str, list[list[int]]] = {c: [] for c in cameras}
     last_slot = [None]
     clock = node.get_clock()
 
@@ -141,7 +148,7 @@ def run_source(log_path: str) -> int:
         now = clock.now().nanoseconds
         js.header.stamp = ns_to_stamp(now)
         t = (now % 10_000_000_000) * 1e-9
-        js.position = [0.3 * np.sin(0.5 * t + i) for i in range(len(JOINTS))]
+        js.position = [0.3 * np.sin(0.5 * t + i) for i in range(len(joints))]
         js_pub.publish(js)
         slot = int(now // CAMERA_PERIOD_NS)
         if slot != last_slot[0]:
@@ -216,8 +223,9 @@ class Recorder:
             values = {kv.key: kv.value for kv in status.values}
             if status.name.startswith("policy_node") and "plans_published" in values:
                 try:
-                    entry = (int(values["plans_published"]),
-                             float(values["plan_latency_last"]), float(values["plan_age_last"]))
+                    entry = (int(values["plans_published"]), float(values["plan_latency_last"]),
+                             float(values["plan_age_last"]),
+                             float(values["plan_queue_wait_last"]))
                 except ValueError:  # "None" before the first plan
                     continue
                 with self.lock:
@@ -233,13 +241,14 @@ def percentiles(values, qs=(50, 99)) -> list[float]:
     return [float(np.percentile(values, q)) for q in qs] if len(values) else [float("nan")] * len(qs)
 
 
-def inference_per_plan(diagnostics: list[tuple[int, float, float]]) -> dict[int, tuple[float, float]]:
-    """plans_published n -> (inference s, plan age s) of plan n, from diagnostics snapshots
+def inference_per_plan(diagnostics: list[tuple[int, float, float, float]]
+                       ) -> dict[int, tuple[float, float, float]]:
+    """plans_published n -> (inference s, plan age s, queue wait s) of plan n, from snapshots
     seen at least twice alike (a snapshot taken between the two updates of one plan is
     never repeated, so it is discarded)."""
-    seen: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    for n, latency, age in diagnostics:
-        seen[n].append((latency, age))
+    seen: dict[int, list[tuple[float, float, float]]] = defaultdict(list)
+    for n, *entry in diagnostics:
+        seen[n].append(tuple(entry))
     out = {}
     for n, entries in seen.items():
         if len(entries) >= 2 and entries[-1] == entries[-2]:
@@ -254,6 +263,7 @@ class BenchResult:
     aggregator_ms: np.ndarray
     policy_overhead_ms: np.ndarray
     inference_ms: np.ndarray
+    queue_wait_ms: np.ndarray
     jitter_ms: np.ndarray
     jitter_recv_ms: np.ndarray
     commands: int
@@ -278,11 +288,11 @@ def analyse(rec: Recorder, frames: dict[str, list[list[int]]], t_start: int, t_e
                    and abs((pub - stamp) * 1e-9 - per_plan[i + 1 + offset][1]) <= 0.005)
     offset = max(range(6), key=consistent)
     frame_arr = {c: np.array(v, dtype=np.int64).reshape(-1, 2) for c, v in frames.items()}
-    overhead, cam_tick, agg, pol, inf = [], [], [], [], []
+    overhead, cam_tick, agg, pol, inf, wait = [], [], [], [], [], []
     for n, (stamp, pub, _) in enumerate(plans, start=1 + offset):
         if not t_start <= pub <= t_end or n not in per_plan:
             continue
-        latency, age = per_plan[n]
+        latency, age, queue_wait = per_plan[n]
         if abs((pub - stamp) * 1e-9 - age) > 0.005:
             continue  # the diagnostics entry is not this plan (a plan the recorder missed)
         window_pub = windows.get(stamp)
@@ -296,19 +306,21 @@ def analyse(rec: Recorder, frames: dict[str, list[list[int]]], t_start: int, t_e
                 newest = s if newest is None else max(newest, s)
         if newest is None:
             continue
-        overhead.append((pub - newest) * 1e-6 - latency * 1e3)
+        busy = (latency + queue_wait) * 1e3  # inference, this plan's and the one before it
+        overhead.append((pub - newest) * 1e-6 - busy)
         cam_tick.append((stamp - newest) * 1e-6)
         inf.append(latency * 1e3)
+        wait.append(queue_wait * 1e3)
         if window_pub is not None:
             agg.append((window_pub - stamp) * 1e-6)
-            pol.append((pub - window_pub) * 1e-6 - latency * 1e3)
+            pol.append((pub - window_pub) * 1e-6 - busy)
     pubs = np.array(sorted(p for p, _ in commands if t_start <= p <= t_end), dtype=np.int64)
     recvs = np.array(sorted(r for p, r in commands if t_start <= p <= t_end), dtype=np.int64)
     periods = np.diff(pubs)
     jitter = np.abs(periods - CONTROL_PERIOD_NS) * 1e-6
     jitter_recv = np.abs(np.diff(recvs) - CONTROL_PERIOD_NS) * 1e-6
     return BenchResult(np.array(overhead), np.array(cam_tick), np.array(agg), np.array(pol),
-                       np.array(inf), jitter, jitter_recv, len(pubs),
+                       np.array(inf), np.array(wait), jitter, jitter_recv, len(pubs),
                        int(np.sum(periods > 1.5 * CONTROL_PERIOD_NS)),
                        sum(1 for _, p, _ in plans if t_start <= p <= t_end),
                        (t_end - t_start) * 1e-9)
@@ -325,8 +337,9 @@ def report(r: BenchResult, load: Optional[tuple[float, float]] = None) -> str:
         row("pipeline overhead excl. inference", r.overhead_ms, TARGET_OVERHEAD_P99_MS),
         row("  camera stamp -> tick (frame age at the tick)", r.camera_to_tick_ms),
         row("  tick -> window published (aggregator)", r.aggregator_ms),
-        row("  window -> plan published - inference", r.policy_overhead_ms),
+        row("  window -> plan published - inference - wait", r.policy_overhead_ms),
         row("inference (policy node diagnostics)", r.inference_ms),
+        row("wait for the worker (previous plan running)", r.queue_wait_ms),
         row("command period jitter |T - 10 ms| (publish)", r.jitter_ms, TARGET_JITTER_P99_MS),
         row("  same, from receive times in this process", r.jitter_recv_ms),
         f"  command periods > 15 ms: {r.missed_periods} of {max(r.commands - 1, 0)}",
@@ -350,76 +363,110 @@ def _wait(cond, timeout: float, group: bringup.ProcessGroup, what: str) -> None:
         time.sleep(0.1)
 
 
-def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
-        domain_id: Optional[int] = None) -> int:
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
+class Pipeline:
+    """The driver shared by `dp-ros bench ros` and `dp-ros soak`: a sensor source and the
+    dp_ros nodes each in their own process (the machinery of `dp-ros up`), on a ROS domain
+    of their own (localhost only), plus a node in this process, spun on a thread, that
+    `attach` callbacks subscribe with. Children's output goes to <tmp>/logs/<name>.log;
+    on failure the last lines are printed. Use as a context manager."""
 
-    domain = domain_id if domain_id is not None else 150 + os.getpid() % 80
-    os.environ["ROS_DOMAIN_ID"] = str(domain)
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    env = bringup.child_env()
-    with tempfile.TemporaryDirectory(prefix="dp_ros_bench_") as tmp:
-        tmp_path = Path(tmp)
-        print(f"bench ros: ROS domain {domain} (localhost only), policy on {device}; "
-              f"writing a small 2-camera policy ...", flush=True)
-        policy = write_bench_policy(tmp_path / "policy")
-        params = tmp_path / "bench.yaml"
+    def __init__(self, tmp_path: Path, params: dict, source_cmd: list[str],
+                 attach, domain_id: Optional[int] = None,
+                 nodes: tuple[str, ...] = ("obs_aggregator", "policy_node",
+                                           "trajectory_executor"),
+                 node_name: str = "bench_recorder"):
         import yaml
-        params.write_text(yaml.safe_dump(bench_parameters(policy, device), sort_keys=False))
-        frame_log = tmp_path / "frames.json"
+        self.domain = domain_id if domain_id is not None else 150 + os.getpid() % 80
+        os.environ["ROS_DOMAIN_ID"] = str(self.domain)
+        os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+        self.params = Path(tmp_path) / "pipeline.yaml"
+        # rcl's parameter-file parser refuses YAML aliases: never emit them
+        dumper = type("NoAliases", (yaml.SafeDumper,), {"ignore_aliases": lambda *_: True})
+        self.params.write_text(yaml.dump(params, Dumper=dumper, sort_keys=False))
+        self.logs = Path(tmp_path) / "logs"
+        self.logs.mkdir(exist_ok=True)
+        source = bringup.NodeSpec("source", "", "dp_ros.bench.ros", "")
+        children = [bringup.Child(source, source_cmd)]
+        for spec in (bringup.node_spec(n) for n in nodes):
+            children.append(bringup.Child(spec, bringup.process_command(spec, self.params)))
+        self.group = bringup.ProcessGroup(children, env=bringup.child_env(), log_dir=self.logs)
+        self._attach = attach
+        self._node_name = node_name
+        self._spinning = threading.Event()
 
-        load_before = os.getloadavg()[0]
-        rclpy.init(domain_id=domain)
-        node = rclpy.create_node("bench_recorder")
-        rec = Recorder()
-        rec.attach(node)
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        spinning = threading.Event()
-        spinning.set()
+    def __enter__(self) -> "Pipeline":
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        rclpy.init(domain_id=self.domain)
+        self.node = rclpy.create_node(self._node_name)
+        self._attach(self.node)
+        self._executor = SingleThreadedExecutor()
+        self._executor.add_node(self.node)
+        self._spinning.set()
 
         def spin():
-            while spinning.is_set():
-                executor.spin_once(timeout_sec=0.05)
-        spinner = threading.Thread(target=spin, daemon=True)
-        spinner.start()
+            while self._spinning.is_set():
+                self._executor.spin_once(timeout_sec=0.05)
+        self._spinner = threading.Thread(target=spin, daemon=True)
+        self._spinner.start()
+        self.group.start()
+        return self
 
-        source = bringup.NodeSpec("bench_source", "", "dp_ros.bench.ros", "")
-        children = [bringup.Child(source, [sys.executable, "-m", "dp_ros.bench.ros", "source",
-                                           str(frame_log)])]
-        for spec in (bringup.node_spec(n) for n in ("obs_aggregator", "policy_node",
-                                                    "trajectory_executor")):
-            children.append(bringup.Child(spec, bringup.process_command(spec, params)))
-        logs = tmp_path / "logs"
-        logs.mkdir()
-        group = bringup.ProcessGroup(children, env=env, log_dir=logs)
-        code = 1
+    def pids(self) -> dict[str, int]:
+        return {c.spec.name: c.process.pid for c in self.group.children
+                if c.process is not None and c.returncode is None}
+
+    def wait(self, cond, timeout: float, what: str) -> None:
+        """Until cond() holds; RuntimeError if a child exits or after timeout."""
+        _wait(cond, timeout, self.group, what)
+
+    def print_logs(self, lines: int = 15) -> None:
+        for log in sorted(self.logs.glob("*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            print(f"--- {log.name} (last lines)\n" + "\n".join(tail), file=sys.stderr)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import rclpy
         try:
-            group.start()
-            print("waiting for the first plans ...", flush=True)
-            _wait(lambda: len(rec.plans) >= 5, 180.0, group, "plans")
-            print(f"warming up {warmup:g} s, then measuring {seconds:g} s ...", flush=True)
-            time.sleep(warmup)
-            t_start = time.time_ns()  # measurement window on the system clock = the stamps'
-            _wait(lambda: time.time_ns() - t_start >= seconds * 1e9, seconds + 30, group,
-                  "the measurement")
-            t_end = time.time_ns()
-            code = 0
+            self.group.stop()
+        finally:
+            self._spinning.clear()
+            self._spinner.join(5)
+            self._executor.shutdown()
+            self.node.destroy_node()
+            rclpy.try_shutdown()
+        if exc_type is not None:
+            self.print_logs()
+
+
+def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
+        domain_id: Optional[int] = None, realtime_priority: int = 0) -> int:
+    with tempfile.TemporaryDirectory(prefix="dp_ros_bench_") as tmp:
+        tmp_path = Path(tmp)
+        rt = (f"aggregator and executor at SCHED_FIFO {realtime_priority}" if realtime_priority
+              else "normal scheduling")
+        print(f"bench ros: policy on {device}, {rt}; writing a small 2-camera policy ...",
+              flush=True)
+        policy = write_bench_policy(tmp_path / "policy")
+        frame_log = tmp_path / "frames.json"
+        load_before = os.getloadavg()[0]
+        rec = Recorder()
+        try:
+            params = bench_parameters(policy, device, realtime_priority)
+            with Pipeline(tmp_path, params, source_command(frame_log), rec.attach,
+                          domain_id) as pipe:
+                print(f"ROS domain {pipe.domain} (localhost only); waiting for the first "
+                      "plans ...", flush=True)
+                pipe.wait(lambda: len(rec.plans) >= 5, 180.0, "plans")
+                print(f"warming up {warmup:g} s, then measuring {seconds:g} s ...", flush=True)
+                time.sleep(warmup)
+                t_start = time.time_ns()  # measurement window on the system clock = the stamps'
+                pipe.wait(lambda: time.time_ns() - t_start >= seconds * 1e9, seconds + 30,
+                          "the measurement")
+                t_end = time.time_ns()
         except RuntimeError as err:
             print(f"bench ros: {err}", file=sys.stderr)
-            for log in sorted(logs.glob("*.log")):
-                tail = log.read_text(errors="replace").splitlines()[-15:]
-                print(f"--- {log.name} (last lines)\n" + "\n".join(tail), file=sys.stderr)
-        finally:
-            group.stop()
-            spinning.clear()
-            spinner.join(5)
-            executor.shutdown()
-            node.destroy_node()
-            rclpy.try_shutdown()
-        if code:
-            return code
+            return 1
         frames = json.loads(frame_log.read_text()) if frame_log.exists() else {}
         if not frames:
             print("bench ros: the source wrote no frame log", file=sys.stderr)
@@ -434,11 +481,21 @@ def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
         return 0
 
 
+def source_command(frame_log: Path, height: int = RAW_H, width: int = RAW_W,
+                   cameras: tuple[str, ...] = CAMERAS, joints: tuple[str, ...] = JOINTS
+                   ) -> list[str]:
+    return [sys.executable, "-m", "dp_ros.bench.ros", "source", str(frame_log), str(height),
+            str(width), ",".join(cameras), ",".join(joints)]
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "source":
         return run_source(argv[1])
-    print("usage: python -m dp_ros.bench.ros source FRAME_LOG  (use `dp-ros bench ros`)",
-          file=sys.stderr)
+    if len(argv) == 6 and argv[0] == "source":
+        return run_source(argv[1], int(argv[2]), int(argv[3]), tuple(argv[4].split(",")),
+                          tuple(argv[5].split(",")))
+    print("usage: python -m dp_ros.bench.ros source FRAME_LOG [H W CAMS JOINTS]  "
+          "(use `dp-ros bench ros`)", file=sys.stderr)
     return 2
 
 

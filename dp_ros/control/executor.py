@@ -159,6 +159,11 @@ class PlanExecutor:
         return None if self._ref is None else self._ref.stamp
 
     @property
+    def plans_held(self) -> int:
+        """Plans kept in memory: the active one and, during a cross-fade, the old one."""
+        return int(self._ref is not None) + int(self._fade is not None)
+
+    @property
     def last_command(self) -> np.ndarray | None:
         return None if self._last_cmd is None else self._last_cmd.copy()
 
@@ -183,7 +188,9 @@ class PlanExecutor:
         self._last_cmd = q.copy()
         self._last_cmd_now = self._last_now = float(now)
         self._ref = self._fade = None  # plans received before enable assumed another start
-        self._sent = None
+        # joint_trajectory: the controller holds the arm here until the first message, so
+        # the first horizon starts from here even if a control tick moved the command first
+        self._sent = (np.array([float(now)]), q[None].copy())
         self._reason = "enabled: holding the current position until a plan arrives"
         self._cause = "no_plan"
 

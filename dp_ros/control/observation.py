@@ -107,7 +107,8 @@ class JointSelector:
         if positions.ndim != 1 or positions.shape[0] != len(names):
             raise SampleRejected("bad_size", f"{len(names)} joint names but positions of shape "
                                              f"{positions.shape}")
-        out = positions[self._index(names)].astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond float32: inf, rejected below with a reason
+            out = positions[self._index(names)].astype(np.float32)
         if not np.all(np.isfinite(out)):
             bad = [n for n, v in zip(self.wanted_names, out) if not np.isfinite(v)]
             raise SampleRejected("non_finite", f"non-finite position for joint(s) {bad}")
@@ -224,6 +225,13 @@ class ObservationStreams:
 
     def observe(self, tick_time: float) -> Union[Observation, Invalid]:
         return build_observation(self.buffers, tick_time, self.spec)
+
+    def settled(self, tick_time: float) -> bool:
+        """Every stream holds a sample stamped at or after ``tick_time``. Each stream arrives
+        in stamp order (one publisher per topic), so nothing stamped at or before the tick
+        can still come: the observation at the tick is final and may be built now."""
+        return all(b.newest_stamp is not None and b.newest_stamp >= tick_time
+                   for b in self.buffers.values())
 
     def clear(self) -> None:
         for buffer in self.buffers.values():

@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import rclpy
-from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor, ParameterType
+from rcl_interfaces.msg import ParameterDescriptor, ParameterType
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy)
 
 from dp_ros.data.bags import STORAGES, BagError, BagWriter, default_typestore
 from dp_ros.data.bags import make_qos as bag_qos
+from dp_ros.nodes.params import float_range
 from dp_ros.nodes.run import run_node
 
 NODE_NAME = "bag_recorder"
@@ -55,7 +56,7 @@ PARAMETERS = {
     "discovery_period": (0.5, ParameterDescriptor(
         description="How often (s, steady clock) to look for publishers of topics whose "
                     "type is not known yet",
-        floating_point_range=[FloatingPointRange(from_value=0.01, to_value=60.0, step=0.0)],
+        floating_point_range=float_range(0.01, 60.0),
         read_only=True)),
 }
 

@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Optional
 
 import numpy as np
-from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+from rcl_interfaces.msg import (ParameterDescriptor,
                                 ParameterType)
 from rclpy.clock import ClockChange, JumpThreshold, TimeJump
 from rclpy.duration import Duration
@@ -30,24 +30,18 @@ from dp_ros.control.streams import SampleRejected
 from dp_ros.control.window import TickGrid, WindowBuilder
 from dp_ros.nodes.diagnostics import ERROR, OK, WARN, CauseLog, DiagnosticsPublisher, make_status
 from dp_ros.nodes.image_conv import compressed_to_numpy, image_to_numpy
+from dp_ros.nodes.params import float_range, int_range
 from dp_ros.nodes.window_msgs import (WINDOW_QOS, encode_window, stamp_to_ns,
                                       window_image_topic,
                                       window_state_topic)
 from dp_ros.control.aggregator_config import DEFAULTS, AggregatorConfig
+from dp_ros.nodes.realtime import REALTIME_PARAMETER, apply_realtime_priority
 from dp_ros.nodes.run import run_node
 
 NODE_NAME = "obs_aggregator"
 POLLS_PER_TICK = 4  # before the clock runs, the timer polls this often per dt
 MIN_REARM_NS = 200_000  # never re-arm the tick timer closer than this (0.2 ms)
 JOINT_STATES_QOS = QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT)
-
-
-def _float_range(lo: float, hi: float) -> list[FloatingPointRange]:
-    return [FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
-
-
-def _int_range(lo: int, hi: int) -> list[IntegerRange]:
-    return [IntegerRange(from_value=lo, to_value=hi, step=1)]
 
 
 # name -> (default or array type, descriptor); all read-only: the graph is fixed at start
@@ -64,10 +58,10 @@ PARAMETERS = {
                     "in /compressed", type=ParameterType.PARAMETER_BOOL_ARRAY, read_only=True)),
     "camera_height": (DEFAULTS["camera_height"], ParameterDescriptor(
         description="Frame height after preprocessing (pixels; crop happens in the policy)",
-        integer_range=_int_range(1, 4096), read_only=True)),
+        integer_range=int_range(1, 4096), read_only=True)),
     "camera_width": (DEFAULTS["camera_width"], ParameterDescriptor(
         description="Frame width after preprocessing (pixels)",
-        integer_range=_int_range(1, 4096), read_only=True)),
+        integer_range=int_range(1, 4096), read_only=True)),
     "joint_states_topic": (DEFAULTS["joint_states_topic"], ParameterDescriptor(
         description="sensor_msgs/JointState topic", read_only=True)),
     "state_joint_names": (Parameter.Type.STRING_ARRAY, ParameterDescriptor(
@@ -75,27 +69,30 @@ PARAMETERS = {
         type=ParameterType.PARAMETER_STRING_ARRAY, read_only=True)),
     "rate_hz": (DEFAULTS["rate_hz"], ParameterDescriptor(
         description="Observation rate (Hz); ticks lie at multiples of dt = 1 / rate_hz",
-        floating_point_range=_float_range(0.1, 1000.0), read_only=True)),
+        floating_point_range=float_range(0.1, 1000.0), read_only=True)),
     "T_o": (DEFAULTS["T_o"], ParameterDescriptor(
         description="Observations per window (consecutive valid ticks)",
-        integer_range=_int_range(1, 64), read_only=True)),
+        integer_range=int_range(1, 64), read_only=True)),
     "camera_staleness": (DEFAULTS["camera_staleness"], ParameterDescriptor(
         description="A camera frame older than this (s) at a tick invalidates the tick",
-        floating_point_range=_float_range(0.001, 10.0), read_only=True)),
+        floating_point_range=float_range(0.001, 10.0), read_only=True)),
     "state_staleness": (DEFAULTS["state_staleness"], ParameterDescriptor(
         description="A joint state older than this (s) at a tick invalidates the tick",
-        floating_point_range=_float_range(0.001, 10.0), read_only=True)),
+        floating_point_range=float_range(0.001, 10.0), read_only=True)),
     "stamp_future_tolerance": (DEFAULTS["stamp_future_tolerance"], ParameterDescriptor(
         description="Samples stamped more than this (s) after the node clock are rejected "
                     "(one bogus future stamp would otherwise block its stream)",
-        floating_point_range=_float_range(0.0, 3600.0), read_only=True)),
+        floating_point_range=float_range(0.0, 3600.0), read_only=True)),
     "tick_delay": (DEFAULTS["tick_delay"], ParameterDescriptor(
-        description="Evaluate tick t at clock time t + tick_delay (s), giving samples "
-                    "stamped just before t time to arrive",
-        floating_point_range=_float_range(0.0, 1.0), read_only=True)),
+        description="Wait up to tick_delay (s) after tick t for samples stamped at or "
+                    "before t that are still in flight: the tick is built as soon as every "
+                    "stream has a sample stamped at or after t, at t + tick_delay at the "
+                    "latest",
+        floating_point_range=float_range(0.0, 1.0), read_only=True)),
     "diagnostics_period": (DEFAULTS["diagnostics_period"], ParameterDescriptor(
         description="Period of /diagnostics messages (s, steady clock)",
-        floating_point_range=_float_range(0.01, 60.0), read_only=True)),
+        floating_point_range=float_range(0.01, 60.0), read_only=True)),
+    **REALTIME_PARAMETER,
 }
 
 
@@ -106,6 +103,7 @@ class ObsAggregator(Node):
         for name, (default, descriptor) in PARAMETERS.items():
             values[name] = self.declare_parameter(name, default, descriptor).value
         self.cfg = AggregatorConfig.from_parameters(values)
+        self.realtime_priority = apply_realtime_priority(self, values["realtime_priority"])
         self.grid = TickGrid.from_rate(self.cfg.rate_hz)
         self.dt = self.grid.dt
         self._delay_ns = int(round(self.cfg.tick_delay * 1e9))
@@ -172,8 +170,11 @@ class ObsAggregator(Node):
                 self.streams.push_image(camera, stamp_ns * 1e-9, pixels, encoding)
         except SampleRejected as err:
             self.rejects.report(camera, err.cause, str(err))
+            return
         except Exception as err:  # untrusted bytes must never take the node down
             self.rejects.report(camera, "decode_error", f"{type(err).__name__}: {err}")
+            return
+        self._evaluate_if_settled()
 
     def _on_joint_state(self, msg: JointState) -> None:
         self.received[STATE_STREAM] += 1
@@ -185,8 +186,20 @@ class ObsAggregator(Node):
                 self.streams.push_state(stamp_ns * 1e-9, msg.name, positions)
         except SampleRejected as err:
             self.rejects.report(STATE_STREAM, err.cause, str(err))
+            return
         except Exception as err:
             self.rejects.report(STATE_STREAM, "decode_error", f"{type(err).__name__}: {err}")
+            return
+        self._evaluate_if_settled()
+
+    def _evaluate_if_settled(self) -> None:
+        """Within tick_delay after a tick, build it as soon as every stream is settled for
+        it (the timer builds it at the deadline otherwise)."""
+        if self._delay_ns <= 0:
+            return
+        now_ns = self.get_clock().now().nanoseconds
+        if now_ns:
+            self._evaluate_ticks(now_ns)
 
     def _on_clock_jump(self, jump: TimeJump) -> None:
         changed = jump.clock_change in (ClockChange.ROS_TIME_ACTIVATED,
@@ -227,6 +240,9 @@ class ObsAggregator(Node):
                 self._restart("clock went backwards")
             self._last_now_ns = now_ns
             k = self.grid.index_at_or_before(now_ns - self._delay_ns)
+            k_now = self.grid.index_at_or_before(now_ns)
+            if k_now > k and self.streams.settled(self.grid.time(k_now)):
+                k = k_now  # inside tick_delay, but nothing for the tick can still arrive
             if self._last_k is not None and k <= self._last_k:
                 return  # this grid tick is done
             # a late timer re-evaluates missed ticks from the buffers (data are stamped),
@@ -267,9 +283,11 @@ class ObsAggregator(Node):
             stats = dict(self.stats)
             now = self.get_clock().now().nanoseconds * 1e-9
             ages = {}
+            buffered = {}  # samples held per stream (bounded by horizon and capacity)
             for stream, buffer in self.streams.buffers.items():
                 newest = buffer.newest_stamp
                 ages[stream] = None if newest is None else now - newest
+                buffered[stream] = len(buffer)
         if self._last_k is None:
             level, message = WARN, "no tick yet (waiting for the clock)"
         elif last_invalid is not None:
@@ -302,7 +320,8 @@ class ObsAggregator(Node):
             else:
                 s_level, s_message = OK, "ok"
             s_values = {"topic": topics[stream], "received": self.received[stream],
-                        "rejected": total, "newest_sample_age": ages[stream]}
+                        "rejected": total, "newest_sample_age": ages[stream],
+                        "buffered": buffered[stream]}
             s_values.update({f"rejected/{c}": n for c, n in sorted(rejected.items())})
             s_values.update({f"invalid_ticks/{c}": n for c, n in sorted(invalid.items())})
             if self.rejects.last(stream):
@@ -312,7 +331,8 @@ class ObsAggregator(Node):
         return statuses
 
     def destroy_node(self):
-        self._diagnostics.destroy()
+        if hasattr(self, "_diagnostics"):  # absent when the constructor refused a parameter
+            self._diagnostics.destroy()
         return super().destroy_node()
 
 

@@ -31,6 +31,7 @@ policy stays active; ``active_policy_path`` in diagnostics names the policy in u
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -38,7 +39,7 @@ import threading
 from collections import Counter
 from typing import Optional
 
-from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+from rcl_interfaces.msg import (ParameterDescriptor,
                                 ParameterType, SetParametersResult)
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -50,12 +51,15 @@ from trajectory_msgs.msg import JointTrajectory
 from dp_ros.control.plan import plan_from_actions
 from dp_ros.control.replan import ReplanScheduler
 from dp_ros.nodes.diagnostics import ERROR, OK, WARN, CauseLog, DiagnosticsPublisher, make_status
+from dp_ros.nodes.params import float_range, int_range
 from dp_ros.nodes.trajectory_conv import plan_to_trajectory
 from dp_ros.nodes.window_msgs import (STATE_PART, WINDOW_QOS, WindowFormatError, WindowJoiner,
                                       decode_window, window_image_topic,
                                       window_state_topic)
 from dp_ros.policy import CheckpointError, Policy, PolicyConfig, load_policy
+from dp_ros.policy.backends import check_backend
 from dp_ros.policy.inference import resolve_device
+from dp_ros.policy.warm_start import check_warm_start_steps
 from dp_ros.policy.runner import LatencyStats, PlanJob, PlanOutcome, PlanRunner
 from dp_ros.policy.swap import LoadOutcome, PolicyLoader, SwapError, validate_swap
 from dp_ros.nodes.run import STARTUP_ERRORS, run_node
@@ -67,14 +71,6 @@ LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
 MAX_REPLAN_EVERY = 1024
 CLOCK_JUMP_BACK = 1.0  # s; a window this much older than the running plan restarts the schedule
 PLAUSIBLE_AGE = 60.0  # s; a plan older than this on publication means unrelated clocks
-
-
-def _float_range(lo: float, hi: float) -> list[FloatingPointRange]:
-    return [FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
-
-
-def _int_range(lo: int, hi: int) -> list[IntegerRange]:
-    return [IntegerRange(from_value=lo, to_value=hi, step=1)]
 
 
 # name -> (default or array type, descriptor). Read-only ones fix the graph at start;
@@ -102,17 +98,30 @@ PARAMETERS = {
     "replan_every": (0, ParameterDescriptor(
         description="Plan every this many steps (dt). 0 = the policy's T_a. At most "
                     "T_p - T_o + 1 (the executable horizon)",
-        integer_range=_int_range(0, MAX_REPLAN_EVERY))),
+        integer_range=int_range(0, MAX_REPLAN_EVERY))),
     "latency_margin": (0.02, ParameterDescriptor(
         description="Start the next inference this much (s) earlier than the measured plan "
-                    "latency requires", floating_point_range=_float_range(0.0, 10.0))),
+                    "latency requires", floating_point_range=float_range(0.0, 10.0))),
     "seed": (-1, ParameterDescriptor(
         description="Noise seed: >= 0 makes each plan a function of (seed, plan stamp) "
                     "(reproducible offline, see dp_ros.policy.seeding); -1 = random",
-        integer_range=_int_range(-1, 2**31 - 1))),
+        integer_range=int_range(-1, 2**31 - 1))),
     "diagnostics_period": (1.0, ParameterDescriptor(
         description="Period of /diagnostics messages (s, steady clock)",
-        floating_point_range=_float_range(0.01, 60.0), read_only=True)),
+        floating_point_range=float_range(0.01, 60.0), read_only=True)),
+    "backend": ("torch", ParameterDescriptor(
+        description="Inference backend: torch (eager; on CUDA the denoising loop runs as a "
+                    "CUDA graph) or onnxruntime (providers TensorRT -> CUDA -> CPU; the "
+                    "ONNX export is cached per checkpoint)", read_only=True)),
+    "precision": ("fp32", ParameterDescriptor(
+        description="fp32; bf16 or fp16 weights (torch); int8 weights (onnxruntime). Reduced "
+                    "precision is refused unless it passes the accuracy gate against fp32 "
+                    "(max action difference <= 1% of the action range)", read_only=True)),
+    "warm_start_steps": (0, ParameterDescriptor(
+        description="0 = every plan starts from pure noise. N > 0: start from the running "
+                    "plan shifted to the new time grid, noised to the level of sampler step "
+                    "K - N, and denoise N steps (N < K, the policy's inference steps)",
+        integer_range=int_range(0, 1000))),
 }
 
 
@@ -129,11 +138,18 @@ class PolicyNode(Node):
         except SwapError as err:
             raise ValueError(f"policy_path: {err}") from None
         seed = int(p["seed"])
+        check_backend(p["backend"], p["precision"])  # ValueError naming the bad value
+        self._inference_options = {"backend": p["backend"], "precision": p["precision"]}
+        self._warm_start_steps = int(p["warm_start_steps"])
         try:
             policy = load_policy(os.path.realpath(p["policy_path"]), device=self.device,
-                                 seed=None if seed < 0 else seed)
+                                 seed=None if seed < 0 else seed, **self._inference_options)
         except CheckpointError as err:
             raise ValueError(f"policy_path: {err}") from None
+        try:
+            policy.warm_start_steps = self._warm_start_steps
+        except ValueError as err:
+            raise ValueError(f"warm_start_steps: {err}") from None
         cfg = policy.config
         self.graph_config: PolicyConfig = cfg  # what every later policy must be compatible with
         self.joint_names = list(p["joint_names"] or cfg.action_names)
@@ -150,6 +166,7 @@ class PolicyNode(Node):
         self.plan_problems = CauseLog(self.get_logger())
         self.inference_latency = LatencyStats()
         self.plan_age = LatencyStats()  # node clock: plan stamp -> published
+        self.queue_wait = LatencyStats()  # window due -> worker free (busy with a plan)
         self.active_path = str(p["policy_path"])
         self.swap_status = "idle"
         self.swap_last_error = ""
@@ -158,7 +175,8 @@ class PolicyNode(Node):
 
         self._plan_pub = self.create_publisher(JointTrajectory, "~/plan", PLAN_QOS)
         self._id_pub = self.create_publisher(String, "~/policy_id", LATCHED_QOS)
-        self.loader = PolicyLoader(device=self.device, seed=None if seed < 0 else seed)
+        self.loader = PolicyLoader(device=self.device, seed=None if seed < 0 else seed,
+                                   load=functools.partial(load_policy, **self._inference_options))
         self.runner = PlanRunner(policy, on_outcome=self._on_outcome, loader=self.loader,
                                  seed=seed, on_start=self._on_start, on_swap=self._on_swap)
 
@@ -260,6 +278,7 @@ class PolicyNode(Node):
 
     def _on_outcome(self, outcome: PlanOutcome) -> None:
         self.inference_latency.add(outcome.latency)
+        self.queue_wait.add(outcome.queue_wait)
         if not outcome.ok:
             cause, detail = outcome.error
             with self._lock:
@@ -294,6 +313,9 @@ class PolicyNode(Node):
                                     f"{self.runner.policy.policy_id!r}: {loaded.error}")
             return
         policy = loaded.policy
+        # the node's warm start, within what the new policy's sampler allows
+        steps = len(policy.sampler) if policy.config.head != "regression" else 1
+        policy.warm_start_steps = min(self._warm_start_steps, steps - 1)
         with self._lock:
             self.active_path = loaded.path
             self.swap_status = "ok"
@@ -328,6 +350,11 @@ class PolicyNode(Node):
                 elif param.name == "seed":
                     if int(param.value) < -1:
                         raise ValueError(f"seed must be >= -1, got {param.value}")
+                elif param.name == "warm_start_steps":
+                    if cfg.head == "regression" and int(param.value) != 0:
+                        raise ValueError("warm_start_steps must be 0 for a regression head")
+                    if cfg.head != "regression":
+                        check_warm_start_steps(int(param.value), len(self.runner.policy.sampler))
         except (SwapError, ValueError) as err:
             self.get_logger().warning(f"parameter set refused: {err}")
             return SetParametersResult(successful=False, reason=str(err))
@@ -353,6 +380,9 @@ class PolicyNode(Node):
             elif param.name == "seed":
                 self.runner.seed = int(param.value)
                 self.loader.seed = None if param.value < 0 else int(param.value)
+            elif param.name == "warm_start_steps":
+                self._warm_start_steps = int(param.value)
+                self.runner.policy.warm_start_steps = self._warm_start_steps  # from the next plan
 
     # ------------------------------------------------------------------ diagnostics
 
@@ -382,8 +412,12 @@ class PolicyNode(Node):
             "policy_id": policy.policy_id, "active_policy_path": active,
             "device": str(policy.device), "T_o": cfg.T_o, "T_p": cfg.T_p, "T_a": cfg.T_a,
             "dt": cfg.dt, "replan_every": replan_every, "seed": self.runner.seed,
+            "backend": getattr(policy, "backend", "torch"),
+            "precision": getattr(policy, "precision", "fp32"),
+            "warm_start_steps": getattr(policy, "warm_start_steps", 0),
             "plan_latency_last": lat["last"], "plan_latency_median": lat["median"],
             "plan_latency_p99": lat["p99"],
+            "plan_queue_wait_last": self.queue_wait.summary()["last"],
             "plan_age_last": age["last"], "plan_age_median": age["median"],
             "plan_age_p99": age["p99"],
             "plans_published": stats.get("plans", 0),
@@ -395,6 +429,7 @@ class PolicyNode(Node):
             "swaps": stats.get("swaps", 0), "swap_failures": stats.get("swap_failures", 0),
             "swap_status": swap_status, "swap_last_error": swap_error,
             "worker_errors": self.runner.callback_errors,
+            "pending_window_stamps": self.joiner.pending,  # parts waiting to be joined
         }
         if self.runner.last_callback_error:
             values["last_worker_error"] = self.runner.last_callback_error
@@ -407,9 +442,13 @@ class PolicyNode(Node):
     # ------------------------------------------------------------------ shutdown
 
     def destroy_node(self):
-        self.runner.stop()
-        self.loader.shutdown(wait=False)
-        self._diagnostics.destroy()
+        # any of these is absent when the constructor refused a parameter or checkpoint
+        if hasattr(self, "runner"):
+            self.runner.stop()
+        if hasattr(self, "loader"):
+            self.loader.shutdown(wait=False)
+        if hasattr(self, "_diagnostics"):
+            self._diagnostics.destroy()
         return super().destroy_node()
 
 

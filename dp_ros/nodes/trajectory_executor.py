@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
-from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+from rcl_interfaces.msg import (ParameterDescriptor,
                                 ParameterType, SetParametersResult)
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -38,9 +38,11 @@ from dp_ros.control.executor import DISABLED, HOLDING, TRACKING, PlanExecutor, T
 from dp_ros.control.limits import JointLimits
 from dp_ros.control.plan import PlanRejected
 from dp_ros.nodes.diagnostics import OK, WARN, CauseLog, DiagnosticsPublisher, make_status
+from dp_ros.nodes.params import float_range, int_range
 from dp_ros.nodes.trajectory_conv import (JointStateReader, JointStateRejected,
                                           command_trajectory, position_command,
                                           trajectory_to_plan)
+from dp_ros.nodes.realtime import REALTIME_PARAMETER, apply_realtime_priority
 from dp_ros.nodes.run import run_node
 
 NODE_NAME = "trajectory_executor"
@@ -49,10 +51,6 @@ DEFAULT_COMMAND_TOPIC = {JOINT_TRAJECTORY: "/arm_controller/joint_trajectory",
                          POSITION_STREAM: "/forward_position_controller/commands"}
 PLAN_QOS = QoSProfile(depth=4, reliability=ReliabilityPolicy.RELIABLE)  # as policy_node's
 COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-
-
-def _float_range(lo: float, hi: float) -> list[FloatingPointRange]:
-    return [FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
 
 
 # name -> (default or type, descriptor). Read-only ones fix the graph and the safety
@@ -78,10 +76,10 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
                     "(position_stream)", read_only=True)),
     "control_rate_hz": (100.0, ParameterDescriptor(
         description="Control loop rate (Hz, node clock); position_stream sends at this rate",
-        floating_point_range=_float_range(1.0, 1000.0), read_only=True)),
+        floating_point_range=float_range(1.0, 1000.0), read_only=True)),
     "joint_trajectory_rate_hz": (10.0, ParameterDescriptor(
         description="joint_trajectory mode: resend the remaining horizon at this rate (Hz), "
-                    "besides on every new plan", floating_point_range=_float_range(0.1, 100.0),
+                    "besides on every new plan", floating_point_range=float_range(0.1, 100.0),
         read_only=True)),
     "position_lower": (Parameter.Type.DOUBLE_ARRAY, ParameterDescriptor(
         description="Per-joint lower position limits (unset: unlimited, warned)",
@@ -95,24 +93,25 @@ PARAMETERS: dict[str, tuple[Any, ParameterDescriptor]] = {
     "actuation_lead": (0.02, ParameterDescriptor(
         description="Seconds between sending a command and the arm acting on it: a command "
                     "sent at t is for plan time t + lead; points earlier are dropped",
-        floating_point_range=_float_range(0.0, 1.0))),
+        floating_point_range=float_range(0.0, 1.0))),
     "stale_plan_timeout": (1.0, ParameterDescriptor(
         description="A plan older than this (s, from its stamp) is no longer executed: the "
                     "executor holds the last commanded position",
-        floating_point_range=_float_range(0.01, 10.0))),
+        floating_point_range=float_range(0.01, 10.0))),
     "crossfade_steps": (0, ParameterDescriptor(
         description="Blend old and new plan over this many control steps at a switch (0: "
                     "off; the switch is continuous and velocity-limited either way)",
-        integer_range=[IntegerRange(from_value=0, to_value=100, step=1)])),
+        integer_range=int_range(0, 100))),
     "autostart": (False, ParameterDescriptor(
         description="Enable at the first usable joint state instead of waiting for ~/enable",
         read_only=True)),
     "joint_state_timeout": (0.5, ParameterDescriptor(
         description="Enabling needs a joint state received within this many seconds",
-        floating_point_range=_float_range(0.001, 60.0), read_only=True)),
+        floating_point_range=float_range(0.001, 60.0), read_only=True)),
     "diagnostics_period": (1.0, ParameterDescriptor(
         description="Period of /diagnostics messages (s, steady clock)",
-        floating_point_range=_float_range(0.01, 60.0), read_only=True)),
+        floating_point_range=float_range(0.01, 60.0), read_only=True)),
+    **REALTIME_PARAMETER,
 }
 RUNTIME_TUNABLE = ("max_velocity", "actuation_lead", "stale_plan_timeout", "crossfade_steps")
 
@@ -203,6 +202,7 @@ class TrajectoryExecutorNode(Node):
         values = {name: self.declare_parameter(name, default, descriptor).value
                   for name, (default, descriptor) in PARAMETERS.items()}
         self.cfg = ExecutorNodeConfig.build(values)
+        self.realtime_priority = apply_realtime_priority(self, values["realtime_priority"])
         cfg = self.cfg
         self.control_dt = 1.0 / cfg.control_rate_hz
         self._jt_period_ns = int(round(1e9 / cfg.joint_trajectory_rate_hz))
@@ -440,11 +440,13 @@ class TrajectoryExecutorNode(Node):
         values.update({k: v for k, v in stats.items() if "/" in k})
         values.update({f"problems/{k}": v for k, v in problems.items()})
         values["clock_jumps"] = self.plan_executor.clock_jumps
+        values["plans_held"] = self.plan_executor.plans_held
         return [make_status(f"{self.get_fully_qualified_name()}: executor", level, message,
                             values)]
 
     def destroy_node(self) -> None:
-        self._diagnostics.destroy()
+        if hasattr(self, "_diagnostics"):  # absent when the constructor refused a parameter
+            self._diagnostics.destroy()
         super().destroy_node()
 
 

@@ -219,6 +219,11 @@ class WindowJoiner:
         self._pending.clear()
         self._last_complete = None
 
+    @property
+    def pending(self) -> int:
+        """Stamps with parts waiting for the rest (at most max_pending)."""
+        return len(self._pending)
+
     def add(self, part: str, msg) -> Optional[JoinedWindow]:
         """``part``: a camera name or STATE_PART."""
         if part != STATE_PART and part not in self.camera_names:

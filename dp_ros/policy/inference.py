@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ import torch
 from .checkpoint import load_config, load_weights
 from .config import PolicyConfig
 from .model import DiffusionPolicyModel, build_model
+
+if TYPE_CHECKING:
+    from .warm_start import PreviousPlan
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -70,15 +73,69 @@ class Policy:
     """A loaded policy in eval mode on one device."""
 
     def __init__(self, cfg: PolicyConfig, model: DiffusionPolicyModel, device: torch.device,
-                 source: str = "", seed: Optional[int] = None):
+                 source: str = "", seed: Optional[int] = None, *, backend: str = "torch",
+                 precision: str = "fp32", warm_start_steps: int = 0,
+                 onnx_dir: Optional[str] = None, plan_graph: Optional[str] = None,
+                 gate: bool = True, cuda_graph: bool = True):
+        """`backend` torch | onnxruntime, `precision` fp32 | bf16 | fp16 (torch) | int8
+        (onnxruntime): see dp_ros.policy.backends. Reduced precision is refused (ValueError)
+        unless it passes the accuracy gate against fp32 (`gate=False` skips the check).
+        `warm_start_steps` 0 = cold start; see dp_ros.policy.warm_start."""
+        from .backends import check_backend
+        from .backends.precision import accuracy_gate
+
+        check_backend(backend, precision)
         self.config = cfg
         self.model = model.to(device).eval()
         self.device = device
         self.source = source
+        self.backend = backend
         self.sampler = model.noise_schedule.sampler().to(device, torch.float32)
         self.cache = FrameFeatureCache(capacity=4 * max(cfg.T_o, 1) * max(len(cfg.cameras), 1))
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed if seed is not None else torch.seed() % (2**63))
+        self.warm_start_steps = warm_start_steps
+        self.last_start_index = 0  # sampler step the last plan started from (0 = cold)
+        reference = None
+        if precision != "fp32" and gate and backend == "torch":
+            import copy
+            reference = Policy(cfg, copy.deepcopy(model), device, seed=0, cuda_graph=False)
+        self.engine = self._make_engine(backend, precision, onnx_dir, plan_graph, cuda_graph, gate)
+        self.gate = None
+        if reference is not None:
+            self.gate = accuracy_gate(reference, self, precision)
+            if not self.gate.passed:
+                raise ValueError(f"precision {precision} refused by the accuracy gate: {self.gate.line()}")
+
+    def _make_engine(self, backend, precision, onnx_dir, plan_graph, cuda_graph, gate):
+        if backend == "torch":
+            from .backends.torch_backend import TorchEngine
+            return TorchEngine(self.model, self.sampler, self.device, precision, cuda_graph)
+        from .backends.onnx_backend import OnnxEngine
+        from .export import cached_onnx_dir, model_digest
+        if onnx_dir is None:
+            onnx_dir = cached_onnx_dir(self, int8=precision == "int8")
+        return OnnxEngine(self.model, self.sampler.to("cpu"), onnx_dir, model_digest(self.model),
+                          precision=precision, device=self.device.type, plan_graph=plan_graph,
+                          require_gate=gate)
+
+    @property
+    def precision(self) -> str:
+        return self.engine.precision
+
+    @property
+    def warm_start_steps(self) -> int:
+        return self._warm_start_steps
+
+    @warm_start_steps.setter
+    def warm_start_steps(self, value: int) -> None:
+        from .warm_start import check_warm_start_steps
+        if self.config.head == "regression":
+            if int(value) != 0:
+                raise ValueError("warm_start_steps must be 0 for a regression head (nothing to denoise)")
+            self._warm_start_steps = 0
+            return
+        self._warm_start_steps = check_warm_start_steps(value, len(self.sampler))
 
     @property
     def policy_id(self) -> str:
@@ -116,8 +173,7 @@ class Policy:
             feats = [self.cache.get(k) for k in keys]
             todo = [i for i, f in enumerate(feats) if f is None]
             if todo:
-                batch = torch.from_numpy(np.ascontiguousarray(frames[todo])).to(self.device)
-                new = self.model.obs_encoder.encode_camera(name, batch)
+                new = self.engine.encode_camera(name, np.ascontiguousarray(frames[todo]))
                 for j, i in enumerate(todo):
                     feats[i] = new[j]
                     self.cache.put(keys[i], new[j])
@@ -125,18 +181,23 @@ class Policy:
         return torch.cat(per_camera, dim=-1)
 
     @torch.inference_mode()
-    def predict(self, obs: dict, noise: Optional[np.ndarray] = None) -> np.ndarray:
+    def predict(self, obs: dict, noise: Optional[np.ndarray] = None,
+                previous: Optional["PreviousPlan"] = None,
+                plan_stamp_ns: Optional[int] = None) -> np.ndarray:
         """One plan: the full (T_p, action_dim) horizon in action units (float32).
 
         `noise` is the initial sample x_K of shape (T_p, action_dim); with it (and a DDIM
-        sampler, eta 0) the result is deterministic.
+        sampler, eta 0) the result is deterministic. With ``warm_start_steps`` > 0, a
+        `previous` plan and this plan's stamp `plan_stamp_ns`, the previous plan shifted to
+        this plan's time grid, diffused with `noise` to the level of step
+        K - warm_start_steps, is denoised instead (fewer network calls); without them, or
+        when nothing of the previous plan lies ahead, the plan starts cold.
         """
         cfg = self.config
         self.check_observation(obs)
         state = torch.as_tensor(np.asarray(obs.get("state"), np.float32).reshape(cfg.T_o, cfg.state_dim),
                                 device=self.device)
         feats = self._frame_features(obs)
-        cond = self.model.condition(None if feats is None else feats[None], state[None])
         shape = (1, cfg.T_p, cfg.action_dim)
         if noise is None:
             x = torch.randn(shape, generator=self.generator, device=self.device)
@@ -145,13 +206,26 @@ class Policy:
             if noise.shape != shape[1:]:
                 raise ValueError(f"noise has shape {noise.shape}, expected {shape[1:]}")
             x = torch.from_numpy(noise)[None].to(self.device)
-        actions = self.model.sample(cond, x, sampler=self.sampler, generator=self.generator)
+        start = 0
+        if self._warm_start_steps and previous is not None and plan_stamp_ns is not None:
+            from .warm_start import shift_plan
+            init = shift_plan(previous, plan_stamp_ns, cfg.dt, cfg.T_p)
+            if init is not None:
+                start = len(self.sampler) - self._warm_start_steps
+                x0 = self.model.normalizer.normalize(
+                    "action", torch.from_numpy(init)[None].to(self.device))
+                x = self.sampler.add_noise_at(start, x0, x)
+        self.last_start_index = start
+        actions = self.engine.sample(None if feats is None else feats[None], state[None], x, start,
+                                     self.generator)
         return actions[0].float().cpu().numpy()
 
 
-def load_policy(path: str | os.PathLike, device: str = "auto", seed: Optional[int] = None) -> Policy:
-    """Load a checkpoint directory (config.json + model.safetensors). Raises CheckpointError."""
+def load_policy(path: str | os.PathLike, device: str = "auto", seed: Optional[int] = None,
+                **options) -> Policy:
+    """Load a checkpoint directory (config.json + model.safetensors). Raises CheckpointError.
+    `options`: Policy's backend, precision, warm_start_steps, onnx_dir, ..."""
     cfg = load_config(path)
     model = build_model(cfg)
     load_weights(path, model)
-    return Policy(cfg, model, resolve_device(device), source=str(path), seed=seed)
+    return Policy(cfg, model, resolve_device(device), source=str(path), seed=seed, **options)

@@ -13,15 +13,18 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Generic, Optional, TypeVar
 
 import numpy as np
+
+from dp_ros.sched import ensure_normal_priority
 
 from .config import PolicyConfig
 from .inference import Policy
 from .seeding import seeded_predict
 from .swap import LoadOutcome, PolicyLoader
+from .warm_start import PreviousPlan
 
 T = TypeVar("T")
 IDLE_POLL = 0.05  # s; how often an idle worker looks for a loaded policy to install
@@ -59,16 +62,19 @@ class LatestSlot(Generic[T]):
 
 @dataclass(frozen=True)
 class PlanJob:
-    """A window to plan on; the plan will be stamped `plan_stamp_ns` (newest observation)."""
+    """A window to plan on; the plan will be stamped `plan_stamp_ns` (newest observation).
+    `submitted` (perf_counter s) lets the outcome tell waiting for the worker from inference."""
 
     window: dict
     plan_stamp_ns: int
+    submitted: float = field(default_factory=time.perf_counter, compare=False)
 
 
 @dataclass(frozen=True)
 class PlanOutcome:
     """One finished job. `actions` (T_p, A) float32 when it succeeded, else `error` =
-    (cause, detail); `latency` is the inference time in seconds (perf_counter)."""
+    (cause, detail); `latency` is the inference time in seconds (perf_counter), `queue_wait`
+    the time the job waited for the worker (busy with the previous plan) before it."""
 
     job: PlanJob
     policy_id: str
@@ -76,6 +82,7 @@ class PlanOutcome:
     actions: Optional[np.ndarray]
     error: Optional[tuple[str, str]]
     latency: float
+    queue_wait: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -108,6 +115,9 @@ class PlanRunner:
         self._thread = threading.Thread(target=self._loop, name="policy_worker", daemon=True)
         self.callback_errors = 0  # exceptions raised by the callbacks (a bug, or shutdown)
         self.last_callback_error = ""
+        # the last successful plan (the one being executed): warm-start material for the
+        # next plan when the policy's warm_start_steps > 0; forgotten at a swap
+        self.previous: Optional[PreviousPlan] = None
 
     @property
     def policy(self) -> Policy:
@@ -147,6 +157,7 @@ class PlanRunner:
             return
         if loaded.policy is not None:
             self._policy = loaded.policy  # between plans: the only thread using it is this one
+            self.previous = None  # another policy's plan is no warm start for this one
         if self._on_swap is not None:
             try:
                 self._on_swap(loaded)
@@ -155,6 +166,7 @@ class PlanRunner:
                 self.last_callback_error = f"{type(exc).__name__}: {exc}"
 
     def _loop(self) -> None:
+        ensure_normal_priority()  # never plan at the control loop's real-time priority
         while not self._stop.is_set():
             self._install_loaded()
             job = self._slot.take(IDLE_POLL)
@@ -177,7 +189,12 @@ class PlanRunner:
         t0 = time.perf_counter()
         actions, error = None, None
         try:
-            out = seeded_predict(policy, job.window, self.seed, job.plan_stamp_ns)
+            previous = self.previous if getattr(policy, "warm_start_steps", 0) else None
+            if previous is None:
+                out = seeded_predict(policy, job.window, self.seed, job.plan_stamp_ns)
+            else:
+                out = seeded_predict(policy, job.window, self.seed, job.plan_stamp_ns,
+                                     previous=previous)
             out = np.asarray(out, dtype=np.float32)
             if out.shape != (cfg.T_p, cfg.action_dim):
                 error = ("bad_output_shape", f"policy returned shape {out.shape}, "
@@ -187,9 +204,11 @@ class PlanRunner:
                                                "NaN/Inf action values")
             else:
                 actions = out
+                self.previous = PreviousPlan(out, job.plan_stamp_ns)
         except Exception as exc:  # noqa: BLE001 - a failing policy never kills the node
             error = (f"predict_{type(exc).__name__}", str(exc) or repr(exc))
-        return PlanOutcome(job, policy.policy_id, cfg, actions, error, time.perf_counter() - t0)
+        return PlanOutcome(job, policy.policy_id, cfg, actions, error, time.perf_counter() - t0,
+                           queue_wait=max(0.0, t0 - job.submitted))
 
 
 class LatencyStats:

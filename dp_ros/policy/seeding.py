@@ -17,10 +17,12 @@ the plan; a DDPM sampler also draws from the policy's torch generator, hence the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 from .inference import Policy
+from .warm_start import PreviousPlan
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,15 @@ def plan_noise(seed: int, plan_stamp_ns: int, T_p: int, action_dim: int) -> Plan
     return PlanNoise(noise, int(rng.integers(0, 2**63 - 1)))
 
 
-def seeded_predict(policy: Policy, obs: dict, seed: int, plan_stamp_ns: int) -> np.ndarray:
-    """``policy.predict`` with the node's noise convention (seed < 0: the policy's own RNG)."""
+def seeded_predict(policy: Policy, obs: dict, seed: int, plan_stamp_ns: int,
+                   previous: Optional[PreviousPlan] = None) -> np.ndarray:
+    """``policy.predict`` with the node's noise convention (seed < 0: the policy's own RNG).
+    `previous` (the plan being executed) is the warm-start material when the policy's
+    warm_start_steps > 0; the same noise then diffuses it (see warm_start.py)."""
+    warm = {} if previous is None else {"previous": previous, "plan_stamp_ns": plan_stamp_ns}
     if seed < 0:
-        return policy.predict(obs)
+        return policy.predict(obs, **warm)
     cfg = policy.config
     pn = plan_noise(seed, plan_stamp_ns, cfg.T_p, cfg.action_dim)
     policy.generator.manual_seed(pn.torch_seed)
-    return policy.predict(obs, noise=pn.noise)
+    return policy.predict(obs, noise=pn.noise, **warm)

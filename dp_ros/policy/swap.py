@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from dp_ros.sched import ensure_normal_priority
+
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_config
 from .config import PolicyConfig
 from .inference import Policy, load_policy
@@ -135,7 +137,9 @@ class PolicyLoader:
         self.device = device
         self.seed = seed
         self._load = load
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy_loader")
+        # loads never run at a real-time priority inherited from the thread that submits
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy_loader",
+                                        initializer=ensure_normal_priority)
         self._lock = threading.Lock()
         self._generation = 0
         self._ready: Optional[LoadOutcome] = None

@@ -31,13 +31,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 
+from dp_ros.nodes.params import float_range, int_range
 from dp_ros.sim.arm import ArmGeometry
 from dp_ros.sim.expert import ExpertConfig, ExpertPlan, ScriptedExpert
 from dp_ros.sim.task import Episode
@@ -50,35 +51,31 @@ TASK_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
-def _float_range(lo: float, hi: float) -> list[FloatingPointRange]:
-    return [FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
-
-
 PARAMETERS = {
     "dt": (0.1, ParameterDescriptor(
         description="Command period (s); commands lie on multiples of dt of the node clock",
-        floating_point_range=_float_range(0.001, 10.0), read_only=True)),
+        floating_point_range=float_range(0.001, 10.0), read_only=True)),
     "poll_period": (0.01, ParameterDescriptor(
         description="Timer period (s) checking for the next tick (<= dt)",
-        floating_point_range=_float_range(0.0005, 1.0), read_only=True)),
+        floating_point_range=float_range(0.0005, 1.0), read_only=True)),
     "settle_time": (0.5, ParameterDescriptor(
         description="Seconds between a reset and the episode's first tick; must exceed the "
                     "observation staleness limits so no sample shows the previous scene",
-        floating_point_range=_float_range(0.0, 60.0), read_only=True)),
+        floating_point_range=float_range(0.0, 60.0), read_only=True)),
     "episodes": (0, ParameterDescriptor(
         description="Stop after this many episodes (0: run until stopped)",
-        integer_range=[IntegerRange(from_value=0, to_value=1_000_000, step=1)],
+        integer_range=int_range(0, 1_000_000),
         read_only=True)),
     "seed": (0, ParameterDescriptor(
         description="Seed of the side and arc-radius draws (-1: fresh randomness)",
-        integer_range=[IntegerRange(from_value=-1, to_value=2**31 - 1, step=1)],
+        integer_range=int_range(-1, 2**31 - 1),
         read_only=True)),
     "link_lengths": ([0.5, 0.5], ParameterDescriptor(
         description="Link lengths (m) of the arm being driven (as sim_arm's)",
         read_only=True)),
     "max_joint_velocity": (2.0, ParameterDescriptor(
         description="The arm's joint velocity limit (rad/s), as sim_arm's",
-        floating_point_range=_float_range(0.01, 100.0), read_only=True)),
+        floating_point_range=float_range(0.01, 100.0), read_only=True)),
     "command_topic": ("/forward_position_controller/commands", ParameterDescriptor(
         description="std_msgs/Float64MultiArray position commands to the arm", read_only=True)),
     "action_topic": ("/expert/action", ParameterDescriptor(

@@ -34,7 +34,7 @@ import sys
 from typing import Optional
 
 from geometry_msgs.msg import PointStamped
-from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+from rcl_interfaces.msg import (ParameterDescriptor,
                                 ParameterType, SetParametersResult)
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -44,6 +44,7 @@ from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
+from dp_ros.nodes.params import float_range, int_range
 from dp_ros.sim.arm import (INTERPOLATIONS, ArmGeometry, CommandRejected, SimulatedArm,
                             parse_position_command, parse_trajectory)
 from dp_ros.sim.render import render_scene, view_for
@@ -59,14 +60,6 @@ TASK_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
-def _float_range(lo: float, hi: float) -> list[FloatingPointRange]:
-    return [FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
-
-
-def _int_range(lo: int, hi: int) -> list[IntegerRange]:
-    return [IntegerRange(from_value=lo, to_value=hi, step=1)]
-
-
 # name -> (default, descriptor). Read-only ones shape the node; the others apply live.
 PARAMETERS = {
     "link_lengths": ([0.5, 0.5], ParameterDescriptor(
@@ -74,27 +67,27 @@ PARAMETERS = {
                     "scene scales with their sum", type=ParameterType.PARAMETER_DOUBLE_ARRAY,
         read_only=True)),
     "max_joint_velocity": (2.0, ParameterDescriptor(
-        description="Joint velocity limit (rad/s)", floating_point_range=_float_range(0.01, 100.0),
+        description="Joint velocity limit (rad/s)", floating_point_range=float_range(0.01, 100.0),
         read_only=True)),
     "joint_state_rate_hz": (100.0, ParameterDescriptor(
         description="joint_states rate (Hz); the simulation steps at this rate",
-        floating_point_range=_float_range(1.0, 1000.0), read_only=True)),
+        floating_point_range=float_range(1.0, 1000.0), read_only=True)),
     "camera_width": (96, ParameterDescriptor(
-        description="Camera image width (pixels)", integer_range=_int_range(8, 4096),
+        description="Camera image width (pixels)", integer_range=int_range(8, 4096),
         read_only=True)),
     "camera_height": (96, ParameterDescriptor(
-        description="Camera image height (pixels)", integer_range=_int_range(8, 4096),
+        description="Camera image height (pixels)", integer_range=int_range(8, 4096),
         read_only=True)),
     "camera_rate_hz": (30.0, ParameterDescriptor(
-        description="Camera rate (Hz)", floating_point_range=_float_range(0.1, 1000.0),
+        description="Camera rate (Hz)", floating_point_range=float_range(0.1, 1000.0),
         read_only=True)),
     "task_rate_hz": (10.0, ParameterDescriptor(
-        description="~/task rate (Hz)", floating_point_range=_float_range(0.1, 1000.0),
+        description="~/task rate (Hz)", floating_point_range=float_range(0.1, 1000.0),
         read_only=True)),
     "seed": (0, ParameterDescriptor(
         description="Episode seed: episode k after setting it (k = 0 at start) is "
                     "sample_episode(seed + k); a new value applies at the next ~/reset",
-        integer_range=_int_range(0, 2**31 - 1))),
+        integer_range=int_range(0, 2**31 - 1))),
     "interpolation": ("linear", ParameterDescriptor(
         description=f"Trajectory interpolation between points: one of {INTERPOLATIONS}")),
     "interpolate_from_desired_state": (True, ParameterDescriptor(

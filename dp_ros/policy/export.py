@@ -1,0 +1,339 @@
+"""ONNX export: ``dp-ros export CKPT --onnx OUT``.
+
+Writes into OUT:
+- ``encoder_<i>.onnx`` per camera: uint8 frames (N, H, W, 3) -> features (N, F), the crop
+  and pixel normalisation inside (exported per frame, so the feature cache still works);
+- ``denoiser_step.onnx``: one network evaluation, inputs ``sample`` (1, T_p, A) normalised,
+  ``timestep`` (1,) int64, ``frame_features`` (1, T_o, F) and raw ``state`` (1, T_o, D) ->
+  the network output; the state normaliser is folded in;
+- ``denoiser_loop.onnx`` (DDIM only): the whole cold-start loop unrolled, ``noise`` +
+  ``frame_features`` + raw ``state`` -> raw actions (1, T_p, A), both normalisers and the
+  sampler folded in;
+- ``denoiser_step_int8.onnx`` with ``--int8``: weights quantized to int8 (onnxruntime
+  dynamic quantization), with its accuracy gate against fp32;
+- ``manifest.json``: files, a digest of the weights and config they came from, which
+  denoiser graph measured faster for a cold start, and the checks' results.
+
+The export checks that the onnxruntime backend equals the torch backend within
+``EQUAL_TOL`` on fixed windows, and prints it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backends.onnx_backend import FORMAT, MANIFEST, import_onnxruntime
+from .backends.precision import accuracy_gate, fixed_windows
+from .model import DiffusionPolicyModel
+from .schedule import Sampler
+
+EQUAL_TOL = 1e-4
+OPSET = 17
+
+
+def model_digest(model: DiffusionPolicyModel) -> str:
+    """Identifies the config and fp32 weights an export was made from."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Encoder(nn.Module):
+    def __init__(self, model: DiffusionPolicyModel, camera: str):
+        super().__init__()
+        self.model, self.camera = model, camera
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.model.obs_encoder.encode_camera(self.camera, frames)
+
+
+class MatmulConv1d(nn.Module):
+    """A Conv1d (groups 1, no dilation) as im2col + one MatMul, for the ONNX export.
+
+    At batch 1 a U-Net step streams every weight once per call; onnxruntime runs a MatMul
+    against prepacked weights faster than a Conv of a few time steps, and only MatMul
+    weights can be quantized to int8 blocks (MatMulNBits). Weight (O, C, k) is stored as
+    (k * C, O); the input's k shifted views are stacked along the channels.
+    """
+
+    def __init__(self, conv: nn.Conv1d):
+        super().__init__()
+        if conv.groups != 1 or conv.dilation[0] != 1 or conv.padding_mode != "zeros":
+            raise ValueError("MatmulConv1d covers plain convolutions only")
+        out_ch, in_ch, k = conv.weight.shape
+        self.k, self.stride, self.pad = k, conv.stride[0], int(conv.padding[0])
+        w = conv.weight.detach().permute(2, 1, 0).reshape(k * in_ch, out_ch)
+        self.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) -> (B, O, T_out)
+        if self.pad:
+            x = nn.functional.pad(x, (self.pad, self.pad))
+        t_out = (x.shape[-1] - self.k) // self.stride + 1
+        span = self.stride * (t_out - 1) + 1
+        cols = x if self.k == 1 and self.stride == 1 else torch.cat(
+            [x[:, :, i:i + span:self.stride] for i in range(self.k)], dim=1)
+        y = cols.transpose(1, 2) @ self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y.transpose(1, 2)
+
+
+def matmul_form(model: DiffusionPolicyModel) -> DiffusionPolicyModel:
+    """A copy of `model` whose denoiser's Conv1d layers are MatmulConv1d (same outputs)."""
+    model = copy.deepcopy(model)
+    if model.denoiser is None:
+        return model
+    for parent in list(model.denoiser.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv1d:
+                setattr(parent, name, MatmulConv1d(child))
+    return model
+
+
+def _split(model: DiffusionPolicyModel, rest: tuple):
+    rest = list(rest)
+    feats = rest.pop(0) if model.cfg.cameras else None
+    state = rest.pop(0) if model.cfg.state_dim else None
+    return feats, state
+
+
+class _Step(nn.Module):
+    def __init__(self, model: DiffusionPolicyModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        feats, state = _split(self.model, rest)
+        return self.model.denoise(sample, timestep, self.model.condition(feats, state))
+
+
+class _Loop(nn.Module):
+    def __init__(self, model: DiffusionPolicyModel, sampler: Sampler):
+        super().__init__()
+        self.model, self.sampler = model, sampler
+
+    def forward(self, noise: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        feats, state = _split(self.model, rest)
+        cond = self.model.condition(feats, state)
+        x = noise
+        for k in range(len(self.sampler)):
+            out = self.model.denoise(x, self.sampler.timesteps[k], cond)
+            x = self.sampler.step(k, x, out)
+        return self.model.normalizer.unnormalize("action", x)
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic: Optional[dict] = None) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic or {}, opset_version=OPSET, do_constant_folding=True,
+                          dynamo=False)
+
+
+def _cond_inputs(cfg) -> tuple[list[str], list[torch.Tensor]]:
+    names, values = [], []
+    if cfg.cameras:
+        names.append("frame_features")
+        values.append(torch.zeros(1, cfg.T_o, len(cfg.cameras) * cfg.encoder.feature_dim))
+    if cfg.state_dim:
+        names.append("state")
+        values.append(torch.zeros(1, cfg.T_o, cfg.state_dim))
+    return names, values
+
+
+def write_onnx(model: DiffusionPolicyModel, sampler: Sampler, out_dir: str | Path,
+               loop: bool = True) -> dict:
+    """Export the graphs of an fp32 CPU model and write the manifest; returns it."""
+    cfg = model.cfg
+    if cfg.head == "regression":
+        raise ValueError("ONNX export covers diffusion heads only (this policy has a regression head)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    sampler = sampler.to("cpu", torch.float32)
+    digest = model_digest(model)
+    model = matmul_form(model)
+    manifest: dict = {"format": FORMAT, "digest": digest, "opset": OPSET,
+                      "encoders": {}, "step": "denoiser_step.onnx", "loop": None,
+                      "plan_graph": "step", "torch": torch.__version__}
+    with torch.no_grad():
+        for i, cam in enumerate(cfg.cameras):
+            name = f"encoder_{i}.onnx"
+            example = torch.zeros((2, cam.height, cam.width, 3), dtype=torch.uint8)
+            _export(_Encoder(model, cam.name), (example,), out / name, ["frames"], ["features"],
+                    {"frames": {0: "frames"}, "features": {0: "frames"}})
+            manifest["encoders"][cam.name] = name
+        names, values = _cond_inputs(cfg)
+        sample = torch.zeros(1, cfg.T_p, cfg.action_dim)
+        _export(_Step(model), (sample, torch.tensor([1], dtype=torch.int64), *values),
+                out / manifest["step"], ["sample", "timestep", *names], ["model_output"])
+        if loop and not any(sampler.noisy):
+            manifest["loop"] = "denoiser_loop.onnx"
+            _export(_Loop(model, sampler), (sample, *values), out / manifest["loop"],
+                    ["noise", *names], ["actions"])
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def quantize_int8(out_dir: str | Path, block_size: int = 32) -> str:
+    """int8 weights for the step graph's MatMuls: onnxruntime's MatMulNBits (8 bits,
+    symmetric blocks of `block_size` along the input dimension, one fp32 scale per block),
+    computed with int8 activations (accuracy_level 4: VNNI dot products where the CPU has
+    them). The convolutions are MatMuls in this graph (MatmulConv1d), so that is nearly
+    every U-Net weight. Needs the onnx_ir package (onnxruntime's quantizer imports it)."""
+    import_onnxruntime()
+    import onnx
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as exc:
+        raise RuntimeError("int8 export needs onnxruntime's MatMulNBits quantizer and the "
+                           f"onnx-ir package (pip install onnx-ir): {exc}") from exc
+    out = Path(out_dir)
+    name = "denoiser_step_int8.onnx"
+    loggers = [logging.getLogger(n) for n in ("", "onnxruntime", MatMulNBitsQuantizer.__module__)]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:  # the quantizer reports every node at INFO
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = onnx.load(str(out / "denoiser_step.onnx"))
+            q = MatMulNBitsQuantizer(graph, bits=8, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=4, nodes_to_exclude=_small_matmuls(graph))
+            q.process()
+            q.model.save_model_to_file(str(out / name), use_external_data_format=False)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    return name
+
+
+SMALL_MATMUL = 64  # channels: layers touching the action or a narrow dimension stay fp32
+
+
+def _small_matmuls(graph) -> list[str]:
+    """MatMuls whose weight has a side below SMALL_MATMUL (the first and last U-Net layers,
+    which see or produce the action itself): few bytes, most of the quantization error."""
+    shapes = {t.name: tuple(t.dims) for t in graph.graph.initializer}
+    return [n.name for n in graph.graph.node if n.op_type == "MatMul" and len(n.input) > 1
+            and n.input[1] in shapes and min(shapes[n.input[1]]) < SMALL_MATMUL]
+
+
+def compare(reference, candidate, windows) -> float:
+    """Largest absolute action difference of two Policy objects on (obs, noise) windows."""
+    worst = 0.0
+    for i, (obs, noise) in enumerate(windows):
+        reference.generator.manual_seed(i)
+        candidate.generator.manual_seed(i)
+        a = reference.predict(obs, noise=noise)
+        b = candidate.predict(obs, noise=noise)
+        worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()))
+    return worst
+
+
+def _median_plan_ms(policy, windows, repeats: int) -> float:
+    times = []
+    for r in range(repeats):
+        obs, noise = windows[r % len(windows)]
+        policy.cache.clear()
+        t0 = time.perf_counter()
+        policy.predict(obs, noise=noise)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def export_policy(policy, out_dir: str | Path, *, int8: bool = False,
+                  torch_precisions: tuple[str, ...] = (), check_windows: int = 4,
+                  time_repeats: int = 5, log: Callable[[str], None] = print) -> dict:
+    """Export a loaded fp32 torch Policy to ONNX in `out_dir`, check it, and gate the
+    requested reduced precisions; returns the manifest (also written to the directory)."""
+    from .inference import Policy
+
+    if policy.backend != "torch" or policy.engine.precision != "fp32" or policy.device.type != "cpu":
+        raise ValueError("export needs the fp32 torch policy on the CPU")
+    cfg, model = policy.config, policy.model
+    t0 = time.perf_counter()
+    manifest = write_onnx(model, model.noise_schedule.sampler(), out_dir)
+    log(f"wrote {out_dir}: {len(manifest['encoders'])} encoder(s), denoiser step"
+        + (", unrolled loop" if manifest["loop"] else "") + f" ({time.perf_counter() - t0:.1f} s)")
+    windows = fixed_windows(cfg, check_windows)
+    ref = Policy(cfg, model, torch.device("cpu"), seed=0)
+    checks, graphs = {}, ["step"] + (["loop"] if manifest["loop"] else [])
+    engines = {}
+    for g in graphs:
+        engines[g] = Policy(cfg, model, torch.device("cpu"), seed=0, backend="onnxruntime",
+                            onnx_dir=out_dir, plan_graph=g)
+        checks[g] = compare(ref, engines[g], windows)
+        ok = checks[g] <= EQUAL_TOL
+        log(f"  onnxruntime ({g}) vs torch: max |action difference| {checks[g]:.2e} "
+            f"over {len(windows)} windows ({'OK' if ok else 'FAIL'}: tolerance {EQUAL_TOL:g})")
+    manifest["equality"] = {"tolerance": EQUAL_TOL, "max_abs": checks}
+    if len(graphs) > 1:
+        ms = {g: _median_plan_ms(engines[g], windows, time_repeats) for g in graphs}
+        manifest["plan_graph"] = min(ms, key=ms.get)
+        manifest["plan_ms"] = ms
+        log("  cold plan, median ms: " + ", ".join(f"{g} {v:.1f}" for g, v in ms.items())
+            + f" -> {manifest['plan_graph']}")
+    gates = {}
+    if int8:
+        manifest["int8"] = {"file": quantize_int8(out_dir), "gate": None}
+        (Path(out_dir) / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        q = Policy(cfg, model, torch.device("cpu"), seed=0, backend="onnxruntime",
+                   onnx_dir=out_dir, precision="int8", gate=False)
+        gates["int8"] = accuracy_gate(ref, q, "int8")
+        manifest["int8"]["gate"] = gates["int8"].as_dict()
+    for prec in torch_precisions:  # on a copy: the reference stays fp32
+        cand = Policy(cfg, copy.deepcopy(model), torch.device("cpu"), seed=0, precision=prec,
+                      gate=False)
+        gates[prec] = accuracy_gate(ref, cand, prec)
+    if gates:
+        manifest["gates"] = {k: g.as_dict() for k, g in gates.items()}
+        log("  accuracy gate (reduced precision vs fp32 torch, fixed windows):")
+        for g in gates.values():
+            log("    " + g.line())
+    (Path(out_dir) / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def cached_onnx_dir(policy, int8: bool = False, root: Optional[Path] = None,
+                    log: Callable[[str], None] = lambda _msg: None) -> Path:
+    """The export of this policy's fp32 weights in the user cache, written (and checked,
+    and with `int8` quantized and gated) on first use."""
+    from ..paths import cache_dir
+    from .backends.onnx_backend import read_manifest
+
+    digest = model_digest(policy.model)
+    d = (root or cache_dir() / "onnx") / digest
+    try:
+        manifest = read_manifest(d)
+        if manifest.get("digest") == digest and (manifest.get("int8") or not int8):
+            return d
+    except Exception:  # noqa: BLE001 - missing or unreadable: export again
+        pass
+    from .inference import Policy
+    model = copy.deepcopy(policy.model).float().cpu()
+    fp32 = Policy(policy.config, model, torch.device("cpu"), seed=0)
+    tmp = d.parent / f".{d.name}.{os.getpid()}"  # another process may export the same weights
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_policy(fp32, tmp, int8=int8, log=log)
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
+    return d

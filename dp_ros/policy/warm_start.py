@@ -1,0 +1,59 @@
+"""Warm start: the next plan starts from the previous plan's unexecuted remainder.
+
+A plan stamped t holds, at action index i, the action for time t + (i - (T_o - 1)) * dt
+(ARCHITECTURE.md, "Time"). A plan stamped t' = t + k * dt therefore wants at its index j
+the previous plan's index j + k. ``shift_plan`` reads the previous plan there (linear
+interpolation when k is not a whole number of steps) and pads past its end with its last
+action. The policy then diffuses that guess to the noise level of sampler step
+K - warm_start_steps (``Sampler.add_noise_at``) and denoises only the last
+``warm_start_steps`` steps. warm_start_steps = 0 is a cold start from pure noise.
+
+No ROS here: the caller (PlanRunner) hands the previous plan and the new plan's stamp in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PreviousPlan:
+    """A finished plan: actions (T_p, A) in action units and its stamp (ns, time of the
+    newest observation of its window)."""
+
+    actions: np.ndarray
+    stamp_ns: int
+
+
+def shift_plan(previous: PreviousPlan, stamp_ns: int, dt: float, T_p: int) -> Optional[np.ndarray]:
+    """The previous plan on the time grid of a plan stamped `stamp_ns`, (T_p, A) float32;
+    None when the new stamp is earlier than the previous one or past its last point, or
+    the shapes disagree."""
+    prev = np.asarray(previous.actions, dtype=np.float64)
+    if prev.ndim != 2 or prev.shape[0] != T_p or dt <= 0:
+        return None
+    k = (int(stamp_ns) - int(previous.stamp_ns)) * 1e-9 / dt  # steps the grid moved
+    if not np.isfinite(k) or k < -1e-6 or k > T_p - 1 + 1e-6:
+        return None  # clock went back, or the previous plan ended before this one starts
+    k = max(k, 0.0)
+    src = np.arange(T_p, dtype=np.float64) + k  # previous plan's index for each new index
+    if abs(k - round(k)) < 1e-6:  # on the grid: exact copies, no interpolation rounding
+        idx = np.minimum(np.arange(T_p) + int(round(k)), T_p - 1)
+        return prev[idx].astype(np.float32)
+    out = np.empty_like(prev)
+    grid = np.arange(T_p, dtype=np.float64)
+    for a in range(prev.shape[1]):
+        out[:, a] = np.interp(src, grid, prev[:, a])  # clamps: pads with the last action
+    return out.astype(np.float32)
+
+
+def check_warm_start_steps(value: int, num_inference_steps: int) -> int:
+    """0 (cold) or 1..K-1 denoising steps from the shifted previous plan."""
+    value = int(value)
+    if not 0 <= value < num_inference_steps:
+        raise ValueError(f"warm_start_steps must be 0 (cold start) or 1..{num_inference_steps - 1} "
+                         f"(fewer than the sampler's {num_inference_steps} steps), got {value}")
+    return value

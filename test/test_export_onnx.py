@@ -1,0 +1,135 @@
+"""`dp-ros export CKPT --onnx OUT` and the onnxruntime backend: the same actions as the torch
+backend within 1e-4 on the CPU (step graph, unrolled loop, DDPM, warm start, feature cache),
+exports of other weights refused, the int8 accuracy gate enforced."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from dp_ros.cli import main as cli_main  # noqa: E402
+from dp_ros.policy.backends.onnx_backend import MANIFEST, OnnxBackendError  # noqa: E402
+from dp_ros.policy.export import EQUAL_TOL, export_policy  # noqa: E402
+from dp_ros.policy.inference import load_policy  # noqa: E402
+from dp_ros.policy.config import ScheduleConfig  # noqa: E402
+from dp_ros.policy.warm_start import PreviousPlan  # noqa: E402
+from helpers_policy import make_checkpoint, random_obs, small_config  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A small DDIM checkpoint exported through the command line (with int8)."""
+    root = tmp_path_factory.mktemp("onnx")
+    # 3 DDIM steps: the unrolled loop traces in a third of the time of 10
+    cfg = small_config(schedule=ScheduleConfig(num_inference_steps=3))
+    ckpt = make_checkpoint(root / "ckpt", cfg, torch_seed=1)
+    out = root / "onnx"
+    return ckpt, out
+
+
+def _noise(cfg, seed):
+    return np.random.default_rng(seed).standard_normal((cfg.T_p, cfg.action_dim)).astype(np.float32)
+
+
+def test_export_command_writes_the_graphs_and_prints_the_checks(exported, capsys):
+    ckpt, out = exported
+    assert cli_main(["export", str(ckpt), "--onnx", str(out), "--int8"]) == 0
+    text = capsys.readouterr().out
+    assert "onnxruntime (step) vs torch" in text and "onnxruntime (loop) vs torch" in text
+    assert "int8: max |action - fp32|" in text  # the accuracy gate is printed
+    manifest = json.loads((out / MANIFEST).read_text())
+    for name in [*manifest["encoders"].values(), manifest["step"], manifest["loop"],
+                 manifest["int8"]["file"]]:
+        assert (out / name).is_file(), name
+    assert manifest["plan_graph"] in ("step", "loop")
+    assert all(v <= EQUAL_TOL for v in manifest["equality"]["max_abs"].values())
+    gate = manifest["int8"]["gate"]
+    assert gate["passed"] == (gate["max_rel"] <= gate["limit"] == 0.01)
+
+
+@pytest.mark.parametrize("graph", ["step", "loop"])
+def test_onnxruntime_backend_equals_torch(exported, graph):
+    ckpt, out = exported
+    ref = load_policy(ckpt, device="cpu", seed=0)
+    ort = load_policy(ckpt, device="cpu", seed=0, backend="onnxruntime", onnx_dir=out,
+                      plan_graph=graph)
+    assert ort.engine.plan_graph == graph
+    for s in range(3):
+        obs, noise = random_obs(ref.config, 100 + s), _noise(ref.config, s)
+        a, b = ref.predict(obs, noise=noise), ort.predict(obs, noise=noise)
+        assert np.abs(a - b).max() <= TOL
+    # the per-frame feature cache works the same: a window sharing a frame with the last
+    frames = random_obs(ref.config, 7)["images"]["image"]
+    new = random_obs(ref.config, 17)["images"]["image"][:1]
+    shifted = {"images": {"image": np.concatenate([frames[1:], new])},
+               "state": random_obs(ref.config, 8)["state"]}
+    first = {"images": {"image": frames}, "state": shifted["state"]}
+    for p in (ref, ort):
+        p.cache.clear()
+        p.predict(first, noise=_noise(ref.config, 9))
+        hits = p.cache.hits
+        p.predict(shifted, noise=_noise(ref.config, 9))
+        assert p.cache.hits == hits + 1
+    assert np.abs(ref.predict(shifted, noise=_noise(ref.config, 9))
+                  - ort.predict(shifted, noise=_noise(ref.config, 9))).max() <= TOL
+
+
+def test_warm_start_through_the_step_graph_equals_torch(exported):
+    ckpt, out = exported
+    ref = load_policy(ckpt, device="cpu", seed=0, warm_start_steps=2)
+    ort = load_policy(ckpt, device="cpu", seed=0, warm_start_steps=2, backend="onnxruntime",
+                      onnx_dir=out, plan_graph="loop")
+    cfg = ref.config
+    prev = PreviousPlan(np.random.default_rng(3).uniform(-3, 1, (cfg.T_p, cfg.action_dim))
+                        .astype(np.float32), stamp_ns=0)
+    obs, noise = random_obs(cfg, 4), _noise(cfg, 4)
+    a = ref.predict(obs, noise=noise, previous=prev, plan_stamp_ns=200_000_000)
+    calls = ort.engine.denoiser_calls
+    b = ort.predict(obs, noise=noise, previous=prev, plan_stamp_ns=200_000_000)
+    assert ort.engine.denoiser_calls - calls == 2  # the step graph, 2 of 3 steps
+    assert np.abs(a - b).max() <= TOL
+
+
+def test_export_of_other_weights_and_failed_int8_gate_are_refused(exported, tmp_path):
+    ckpt, out = exported
+    other = make_checkpoint(tmp_path / "other", torch_seed=5)
+    with pytest.raises(OnnxBackendError, match="other weights"):
+        load_policy(other, device="cpu", backend="onnxruntime", onnx_dir=out)
+    copy = tmp_path / "onnx_copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["int8"]["gate"].update(passed=False, max_rel=0.05)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(OnnxBackendError, match="accuracy gate failed"):
+        load_policy(ckpt, device="cpu", backend="onnxruntime", onnx_dir=copy, precision="int8")
+    manifest["int8"]["gate"].update(passed=True, max_rel=0.001)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    q = load_policy(ckpt, device="cpu", backend="onnxruntime", onnx_dir=copy, precision="int8")
+    assert q.precision == "int8" and q.predict(random_obs(q.config, 0)).shape == (8, 2)
+
+
+def test_transformer_with_ddpm_exports_the_step_graph_equal_to_torch(tmp_path):
+    """The transformer denoiser, and a DDPM sampler: it draws noise inside the loop, so only
+    the step graph is exported, and the same generator gives the same draws."""
+    from dp_ros.policy.config import TransformerConfig
+    cfg = small_config(denoiser="transformer", transformer=TransformerConfig(n_layer=2, n_head=2, n_emb=32),
+                       schedule=ScheduleConfig(sampler="ddpm", num_inference_steps=3))
+    ckpt = make_checkpoint(tmp_path / "ckpt", cfg, torch_seed=3)
+    ref = load_policy(ckpt, device="cpu", seed=0)
+    manifest = export_policy(ref, tmp_path / "onnx", check_windows=1, time_repeats=1,
+                             log=lambda _m: None)
+    assert manifest["loop"] is None and manifest["equality"]["max_abs"]["step"] <= TOL
+    ort = load_policy(ckpt, device="cpu", seed=0, backend="onnxruntime", onnx_dir=tmp_path / "onnx")
+    for s in range(2):
+        ref.generator.manual_seed(s)
+        ort.generator.manual_seed(s)
+        obs, noise = random_obs(cfg, s), _noise(cfg, s)
+        assert np.abs(ref.predict(obs, noise=noise) - ort.predict(obs, noise=noise)).max() <= TOL

@@ -1,0 +1,132 @@
+"""Real-time scheduling of the control loop, normal scheduling of inference threads."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from dp_ros.policy.runner import PlanJob, PlanRunner
+from dp_ros.policy.swap import PolicyLoader
+from dp_ros.sched import ensure_normal_priority, request_realtime
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="Linux only")
+
+
+def in_thread(fn):
+    """fn() on a fresh thread (scheduling changes stay there); its result or exception."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            out["error"] = exc
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def realtime_or_skip(priority: int = 10) -> None:
+    refused = request_realtime(priority)
+    if refused:
+        pytest.skip(f"SCHED_FIFO not permitted here: {refused}")
+
+
+@pytest.mark.parametrize("priority", [0, -1, 100])
+def test_out_of_range_priority_is_refused_with_a_reason(priority):
+    reason = in_thread(lambda: request_realtime(priority))
+    assert reason and "outside 1..99" in reason
+    assert in_thread(lambda: os.sched_getscheduler(0)) == os.SCHED_OTHER
+
+
+def test_realtime_applies_to_the_calling_thread_only_and_can_be_dropped():
+    def body():
+        realtime_or_skip(10)
+        mine = os.sched_getscheduler(0)
+        inherited = in_thread(lambda: os.sched_getscheduler(0))  # a thread started now
+        ensure_normal_priority()
+        return mine, inherited, os.sched_getscheduler(0)
+    mine, inherited, after = in_thread(body)
+    assert mine == os.SCHED_FIFO
+    assert inherited == os.SCHED_FIFO  # why the inference threads must drop it themselves
+    assert after == os.SCHED_OTHER
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # this (test) thread never changed
+
+
+class _PolicyStub:
+    """Stands in for a Policy: records the scheduling policy of the thread that plans."""
+
+    def __init__(self):
+        from helpers_policy import small_config
+        self.config = small_config()
+        self.policy_id = "stub"
+        self.seen = []
+
+    def predict(self, window, noise=None, generator=None):
+        self.seen.append(os.sched_getscheduler(0))
+        return np.zeros((self.config.T_p, self.config.action_dim), np.float32)
+
+
+def test_worker_and_loader_threads_started_from_a_realtime_thread_run_normally():
+    stub = _PolicyStub()
+    outcomes, loads = [], []
+    loader_policy = []
+
+    def load(path, device=None, seed=None):
+        loader_policy.append(os.sched_getscheduler(0))
+        raise FileNotFoundError(path)
+
+    def body():
+        realtime_or_skip(10)
+        runner = PlanRunner(stub, outcomes.append)
+        runner.start()  # started by a SCHED_FIFO thread
+        runner.submit(PlanJob({}, 0))
+        loader = PolicyLoader(load=load)
+        loads.append(loader.submit("/nowhere").result(10))
+        loader.shutdown()
+        pause = threading.Event()
+        for _ in range(200):
+            if outcomes:
+                break
+            pause.wait(0.05)
+        runner.stop()
+    in_thread(body)
+    assert stub.seen == [os.SCHED_OTHER]
+    assert outcomes and outcomes[0].ok and outcomes[0].queue_wait >= 0.0
+    assert loader_policy == [os.SCHED_OTHER]
+    assert loads[0] is not None and loads[0].policy is None
+
+
+@pytest.mark.ros
+def test_executor_node_parameter_applies_realtime_or_warns(ros_context, monkeypatch):
+    pytest.importorskip("rclpy")
+    from rclpy.parameter import Parameter
+
+    import dp_ros.nodes.realtime as realtime
+    from dp_ros.nodes.trajectory_executor import TrajectoryExecutorNode
+
+    def make(priority):
+        return TrajectoryExecutorNode(context=ros_context, parameter_overrides=[
+            Parameter("joint_names", value=["a", "b"]),
+            Parameter("realtime_priority", value=priority)])
+
+    def body(priority):
+        node = make(priority)
+        try:
+            return node.realtime_priority, os.sched_getscheduler(0)
+        finally:
+            node.destroy_node()
+
+    assert in_thread(lambda: body(0)) == (0, os.SCHED_OTHER)
+    if not in_thread(lambda: request_realtime(7) is None):
+        pytest.skip("SCHED_FIFO not permitted here")
+    assert in_thread(lambda: body(7)) == (7, os.SCHED_FIFO)
+    # without permission: a warning, normal scheduling, the node runs
+    monkeypatch.setattr(realtime, "request_realtime", lambda p: "not permitted: test")
+    assert in_thread(lambda: body(7)) == (0, os.SCHED_OTHER)
