@@ -67,3 +67,20 @@ def ros_context(ros_domain):
     finally:
         if ctx.ok():
             rclpy.shutdown(context=ctx)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    """helpers_policy.small_config(), for the tests that build models from it."""
+    from helpers_policy import small_config
+    return small_config()
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    """A model of `cfg` with fixed (seed 0) random weights."""
+    import torch
+
+    from dp_ros.policy.model import build_model
+    torch.manual_seed(0)
+    return build_model(cfg)

@@ -13,19 +13,7 @@ from dp_ros.policy.backends import check_backend
 from dp_ros.policy.backends.onnx_backend import OnnxBackendError, choose_providers
 from dp_ros.policy.backends.precision import GateResult, accuracy_gate, action_range, fixed_windows
 from dp_ros.policy.inference import Policy, load_policy
-from dp_ros.policy.model import build_model
-from helpers_policy import make_checkpoint, random_obs, small_config
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return small_config()
-
-
-@pytest.fixture(scope="module")
-def model(cfg):
-    torch.manual_seed(0)
-    return build_model(cfg)
+from helpers_policy import make_checkpoint, random_obs
 
 
 def test_bad_backend_and_precision_are_named():

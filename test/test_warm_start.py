@@ -10,24 +10,12 @@ import pytest
 import torch
 
 from dp_ros.policy.inference import Policy
-from dp_ros.policy.model import build_model
 from dp_ros.policy.runner import PlanJob, PlanRunner
 from dp_ros.policy.swap import LoadOutcome
 from dp_ros.policy.warm_start import PreviousPlan, check_warm_start_steps, shift_plan
-from helpers_policy import random_obs, small_config
+from helpers_policy import random_obs
 
 DT_NS = 100_000_000  # small_config's dt is 0.1 s
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return small_config()
-
-
-@pytest.fixture(scope="module")
-def model(cfg):
-    torch.manual_seed(0)
-    return build_model(cfg)
 
 
 def _policy(cfg, model, warm: int) -> Policy:
