@@ -15,7 +15,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     return run_demo(episodes=args.episodes, policy=args.policy, fresh=args.fresh,
                     demos=args.demos, baseline=args.baseline, speed=args.speed,
-                    minutes=args.minutes, out=args.out)
+                    minutes=args.minutes, out=args.out,
+                    warm_start_steps=args.warm_start_steps)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(slows down to real time when inference cannot keep up)")
     p.add_argument("--minutes", type=float, help="training time budget (default: the "
                    "config's)")
+    p.add_argument("--warm-start-steps", nargs="+", type=int, default=[], metavar="N",
+                   help="also evaluate the diffusion policy with the policy node's "
+                   "warm_start_steps N (compare latency, switch jumps and success with cold)")
     p.add_argument("--out", help="folder for the paths PNG and the episode GIF "
                    "(default: the cache folder)")
     p.set_defaults(func=cmd_demo)

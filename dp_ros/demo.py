@@ -194,15 +194,17 @@ def episode_line(r) -> str:
 def summary_table(results: Sequence, labels: Sequence[str]) -> str:
     w = max([6] + [len(label) for label in labels])
     head = (f"  {'policy':<{w}} {'success':>8} {'left':>6} {'right':>6} {'collisions':>10} "
-            f"{'switches':>8} {'plan ms (median/p99)':>21}")
+            f"{'switches':>8} {'plan ms (median/p99)':>21} {'jump rad/s (mean/max)':>22}")
     rows = [head, "  " + "-" * (len(head) - 2)]
     for label, res in zip(labels, results):
         s = res.summary()
         lat = (f"{s['plan_latency_median_ms']:.0f} / {s['plan_latency_p99_ms']:.0f}"
                if s["plan_latency_median_ms"] is not None else "-")
+        jump = (f"{s['switch_jump_mean']:.2f} / {s['switch_jump_max']:.2f}"
+                if s["switch_jump_mean"] is not None else "-")
         rows.append(f"  {label:<{w}} {100 * s['success_rate']:7.0f}% {100 * s['left']:5.0f}% "
                     f"{100 * s['right']:5.0f}% {s['collisions']:>10d} {s['side_switches']:>8d} "
-                    f"{lat:>21}")
+                    f"{lat:>21} {jump:>22}")
     return "\n".join(rows)
 
 
@@ -289,13 +291,15 @@ def write_gif(record, path: Path, geometry=None, size: int = 240, fps: float = 1
 
 
 def evaluate(policy: Path, episodes: int, label: str, params: Path, speed: float,
-             seed: int = EVAL_SEED, time_limit: Optional[float] = None):
+             seed: int = EVAL_SEED, time_limit: Optional[float] = None,
+             warm_start_steps: int = 0):
     from .sim.closed_loop import run_closed_loop
 
     _say(f"\n  {label}: {episodes} episodes closed loop through ROS (sim_arm, obs_aggregator, "
          f"policy_node, trajectory_executor), seeds {seed}..{seed + episodes - 1}")
     return run_closed_loop(policy, episodes=episodes, seed=seed, params_file=params,
                            speed=speed, time_limit=time_limit, domain_id=DEMO_DOMAIN,
+                           overrides={"policy_node": {"warm_start_steps": warm_start_steps}},
                            on_episode=lambda r: _say(episode_line(r)))
 
 
@@ -303,7 +307,8 @@ def evaluate(policy: Path, episodes: int, label: str, params: Path, speed: float
 
 def run_demo(episodes: int = 20, policy: Optional[str] = None, fresh: bool = False,
              demos: int = DEMONSTRATIONS, baseline: bool = False, speed: float = 2.0,
-             minutes: Optional[float] = None, out: Optional[str] = None) -> int:
+             minutes: Optional[float] = None, out: Optional[str] = None,
+             warm_start_steps: Sequence[int] = ()) -> int:
     # the demo's DDS traffic stays on this host (set before rclpy is initialised)
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     started = time.monotonic()
@@ -339,12 +344,17 @@ def run_demo(episodes: int = 20, policy: Optional[str] = None, fresh: bool = Fal
             else:
                 _say(f"[3/4] using cached {head} policy {ckpt} (--fresh retrains)")
             policies.append((f"{head} ({TRAIN_CONFIG})", ckpt))
+    # the diffusion policy again with each warm start (the policy node's warm_start_steps)
+    runs = [(label, ckpt, 0) for label, ckpt in policies]
+    runs += [(f"{policies[0][0]}, warm start {n}", policies[0][1], n)
+             for n in warm_start_steps if n > 0]
     _say(f"[4/4] closed-loop evaluation at up to {speed:g}x real time")
     results = []
-    for label, ckpt in policies:
-        res = evaluate(ckpt, episodes, label, params, speed)
+    for label, ckpt, warm in runs:
+        res = evaluate(ckpt, episodes, label, params, speed, warm_start_steps=warm)
         results.append(res)
         stem = Path(ckpt).parent.name if Path(ckpt).name == "latest" else Path(ckpt).name
+        stem += f"_warm{warm}" if warm else ""
         png = plot_paths(res, results_dir / f"{stem}_paths.png")
         shown = next((r for r in res.episodes if r.success), res.episodes[0])
         gif = write_gif(shown, results_dir / f"{stem}_episode.gif")
@@ -352,7 +362,8 @@ def run_demo(episodes: int = 20, policy: Optional[str] = None, fresh: bool = Fal
     _say("\nsummary (success = goal reached within the time limit without touching the "
          "obstacle; left/right: share of episodes that succeeded on that side;\n"
          "switches: episodes that changed sides after committing to one; plan ms: "
-         "inference wall time per plan)")
-    _say(summary_table(results, [label for label, _ in policies]))
+         "inference wall time per plan;\njump: largest change of joint velocity around each "
+         "plan switch)")
+    _say(summary_table(results, [label for label, _, _ in runs]))
     _say(f"\ndone in {time.monotonic() - started:.0f} s; cached in {cache}")
     return 0

@@ -412,3 +412,16 @@ def test_render_shapes_and_colours(width, height):
 def test_view_validation():
     with pytest.raises(ValueError):
         View(width=4, height=96)
+
+
+def test_velocity_jumps_at_plan_switches():
+    from dp_ros.sim.closed_loop import velocity_jumps
+    t = np.arange(0.0, 2.0, 0.01)
+    # joint 0 at 0.5 rad/s, then 1.5 rad/s from t = 1.0 (a switch); joint 1 still
+    q0 = np.where(t < 1.0, 0.5 * t, 0.5 + 1.5 * (t - 1.0))
+    joints = np.stack([q0, np.zeros_like(t)], axis=1)
+    jumps = velocity_jumps(t, joints, [0.5, 1.0, 5.0])  # 5.0: after the data, no sample
+    assert jumps.shape == (2,)
+    assert jumps[0] == pytest.approx(0.0, abs=1e-9)  # a switch on a straight path
+    assert jumps[1] == pytest.approx(1.0, rel=1e-6)  # 0.5 -> 1.5 rad/s
+    assert velocity_jumps(t[:2], joints[:2], [0.0]).size == 0

@@ -72,6 +72,9 @@ class EpisodeRecord:
     ee: np.ndarray = field(repr=False)       # (M, 2) end-effector path
     joint_times: np.ndarray = field(repr=False)  # (M,) the same times
     joints: np.ndarray = field(repr=False)       # (M, n) joint positions (/joint_states)
+    # per plan that arrived while the executor ran: the largest change of joint velocity
+    # (rad/s, over joints and consecutive joint states) around its arrival
+    switch_jumps: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     @property
     def seed(self) -> int:
@@ -81,7 +84,8 @@ class EpisodeRecord:
         d = {"index": self.index, "seed": self.seed, "success": self.success,
              "collision": self.collision, "timed_out": self.timed_out, "side": self.side,
              "time": self.time, "duration": self.duration, "min_clearance": self.min_clearance,
-             "switched_sides": self.switched_sides, "wall_seconds": self.wall_seconds}
+             "switched_sides": self.switched_sides, "wall_seconds": self.wall_seconds,
+             "switch_jumps": self.switch_jumps.tolist()}
         if with_paths:
             d.update(episode=self.episode.to_dict(), times=self.times.tolist(),
                      ee=self.ee.tolist(), joint_times=self.joint_times.tolist(),
@@ -123,6 +127,10 @@ class ClosedLoopResult:
     def side_switches(self) -> int:
         return sum(e.switched_sides for e in self.episodes)
 
+    @property
+    def switch_jumps(self) -> np.ndarray:
+        return np.concatenate([e.switch_jumps for e in self.episodes] or [np.zeros(0)])
+
     def summary(self) -> dict[str, Any]:
         return {"policy": self.policy_id, "episodes": self.n,
                 "success_rate": self.success_rate, "left": self.side_share("left"),
@@ -132,6 +140,8 @@ class ClosedLoopResult:
                 "plan_latency_median_ms": _ms(self.plan_latency.get("median")),
                 "plan_latency_p99_ms": _ms(self.plan_latency.get("p99")),
                 "plan_age_median_ms": _ms(self.plan_age.get("median")),
+                "switch_jump_mean": _mean_or_none(self.switch_jumps, np.mean),
+                "switch_jump_max": _mean_or_none(self.switch_jumps, np.max),
                 "speed": self.speed, "wall_seconds": self.wall_seconds}
 
     def to_json(self, with_paths: bool = False) -> str:
@@ -141,6 +151,30 @@ class ClosedLoopResult:
 
 def _ms(seconds: Optional[float]) -> Optional[float]:
     return None if seconds is None else 1e3 * seconds
+
+
+def _mean_or_none(values: np.ndarray, reduce) -> Optional[float]:
+    return float(reduce(values)) if len(values) else None
+
+
+def velocity_jumps(times: np.ndarray, joints: np.ndarray, switches: Sequence[float],
+                   before: float = 0.03, after: float = 0.15) -> np.ndarray:
+    """For each plan switch time, the largest change of joint velocity (rad/s; max over
+    joints, between consecutive finite-difference velocities of the joint states) from
+    `before` s before to `after` s after it: the jump the arm feels when the executor
+    moves to the new plan."""
+    times, joints = np.asarray(times, float), np.asarray(joints, float)
+    if len(times) < 3:
+        return np.zeros(0)
+    v = np.diff(joints, axis=0) / np.maximum(np.diff(times), 1e-6)[:, None]
+    dv = np.abs(np.diff(v, axis=0)).max(axis=1)   # at times[1:-1]
+    t_dv = times[1:-1]
+    out = []
+    for s in switches:
+        sel = (t_dv >= s - before) & (t_dv <= s + after)
+        if sel.any():
+            out.append(float(dv[sel].max()))
+    return np.array(out)
 
 
 def switched_sides(ee: np.ndarray, episode: Episode, commit: float = COMMIT_OFFSET) -> bool:
@@ -205,6 +239,7 @@ class _Supervisor:
         self.recording = False
         self.js_log: list[tuple[float, tuple[float, ...]]] = []
         self.plan_stamps: list[float] = []
+        self.plan_arrivals: list[float] = []  # sim time each plan was received here
         self.plan_ages: list[float] = []
         self.policy_status: dict[str, str] = {}
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
@@ -280,6 +315,7 @@ class _Supervisor:
         t = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         with self.lock:
             self.plan_stamps.append(t)
+            self.plan_arrivals.append(self.sim_time)
             age = self.sim_time - t
             self.plan_ages.append(age)
             # plan latency on the sim clock is speed x the wall-clock inference time: slow
@@ -525,6 +561,7 @@ def _run_episode(sup: _Supervisor, k: int, dt: float, T_o: int,
         sup.recording = False
         task = dict(sup.task or {})
         js = sup.js_log[:]
+        arrivals = sup.plan_arrivals[:]
     t_end = sup.now()
     ours = task.get("seed") == episode.seed
     success = bool(ours and task.get("success"))
@@ -544,4 +581,6 @@ def _run_episode(sup: _Supervisor, k: int, dt: float, T_o: int,
         duration=float(t_end - t_enable),
         min_clearance=task.get("min_clearance") if ours else None,
         switched_sides=switched_sides(ee, episode), wall_seconds=time.monotonic() - wall0,
+        switch_jumps=velocity_jumps(j_t - t_enable, joints,
+                                    [a - t_enable for a in arrivals if t_enable < a < t_end]),
         times=j_t - t_enable, ee=ee, joint_times=j_t - t_enable, joints=joints)
