@@ -31,8 +31,6 @@ Writes soak.json and soak_rss.png to --out.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import json
 import math
 import os
@@ -58,10 +56,7 @@ STALE = 1.0
 RSS_GROWTH_LIMIT = 0.05
 CONTRACT_TIME_TOL = 0.1  # s: source timestamp vs the executor's clock reading (see contract.py)
 CONTRACT_SLACK = 0.2     # s: plan arrival here vs at the executor
-# s: plans and commands reach this recorder on different topics, in no guaranteed order (the
-# executor answers a new plan with a command at once, which may get here first); they are
-# fed to the checker in time order once older than this
-REORDER_LAG = CONTRACT_SLACK + 0.3
+REORDER_LAG = 0.5        # s: plans and commands fed to the checker in time order (TimeOrdered)
 CLOCK_JUMP = 5.0         # s: the system clock does not jump; out-of-order delivery does
 # hard bounds of the queues the nodes report (bounded = never above them):
 QUEUE_BOUNDS = {"buffered": 2048,            # StreamBuffer capacity (control/streams.py)
@@ -118,22 +113,6 @@ class SoakRecorder:
     diag: dict = field(default_factory=dict)          # status name -> latest values
     queues: dict = field(default_factory=lambda: defaultdict(list))  # name -> [(t, size)]
     latency: dict = field(default_factory=lambda: defaultdict(list))  # plan n -> [latency]
-    _pending: list = field(default_factory=list)  # heap of (time s, seq, feed to the checker)
-    _seq: itertools.count = field(default_factory=itertools.count)
-
-    def _in_time_order(self, t: float, feed) -> None:
-        """Queue `feed` (a checker call for an event at wall time `t`); run, in time order,
-        those older than REORDER_LAG. Call with the lock held."""
-        heapq.heappush(self._pending, (t, next(self._seq), feed))
-        horizon = time.time() - REORDER_LAG
-        while self._pending and self._pending[0][0] <= horizon:
-            heapq.heappop(self._pending)[2]()
-
-    def flush(self) -> None:
-        """Feed every queued event (the run is over)."""
-        with self.lock:
-            while self._pending:
-                heapq.heappop(self._pending)[2]()
 
     def attach(self, node) -> None:
         from diagnostic_msgs.msg import DiagnosticArray
@@ -153,8 +132,7 @@ class SoakRecorder:
             return
         with self.lock:
             self.plans += 1
-            arrival = info["received_timestamp"] * 1e-9
-            self._in_time_order(arrival, lambda: self.checker.plan(arrival, plan))
+            self.checker.plan(info["received_timestamp"] * 1e-9, plan)
 
     def _on_command(self, msg, info) -> None:
         from dp_ros.nodes.trajectory_conv import duration_to_ns
@@ -163,9 +141,8 @@ class SoakRecorder:
         v = np.array([list(pt.velocities) for pt in msg.points], dtype=np.float64)
         with self.lock:
             self.commands += 1
-            sent = info["source_timestamp"] * 1e-9
-            self._in_time_order(sent, lambda: self.checker.trajectory_command(
-                sent, t, p, v if v.shape == p.shape else None))
+            self.checker.trajectory_command(info["source_timestamp"] * 1e-9, t, p,
+                                            v if v.shape == p.shape else None)
 
     def _on_diagnostics(self, msg) -> None:
         now = time.monotonic()
@@ -282,7 +259,7 @@ def run(minutes: float = 10.0, warmup: float = 30.0, policy: Optional[str] = Non
         out: Optional[str] = None, progress: bool = True, domain_id: Optional[int] = None) -> int:
     from tqdm import tqdm
 
-    from dp_ros.control.contract import ContractChecker
+    from dp_ros.control.contract import ContractChecker, TimeOrdered
     from dp_ros.control.limits import JointLimits
     from dp_ros.policy.checkpoint import load_config
 
@@ -305,9 +282,10 @@ def run(minutes: float = 10.0, warmup: float = 30.0, policy: Optional[str] = Non
                                  cfg.T_o, 1.0 / cfg.dt)
         limits = JointLimits.create(len(joints), [-LIMIT] * len(joints), [LIMIT] * len(joints),
                                     MAX_VELOCITY)
-        checker = ContractChecker(joints, limits, LEAD, STALE, 0.01,
-                                  time_tol=CONTRACT_TIME_TOL, slack=CONTRACT_SLACK,
-                                  jump_threshold=CLOCK_JUMP)
+        checker = TimeOrdered(ContractChecker(joints, limits, LEAD, STALE, 0.01,
+                                              time_tol=CONTRACT_TIME_TOL, slack=CONTRACT_SLACK,
+                                              jump_threshold=CLOCK_JUMP),
+                              lag=REORDER_LAG, jump=CLOCK_JUMP)
         checker.blind(0.0)  # until this recorder receives a plan (the executor may be first)
         rec = SoakRecorder(checker)
         source = bench.source_command(tmp_path / "frames.json", HEIGHT, WIDTH,
@@ -349,7 +327,6 @@ def run(minutes: float = 10.0, warmup: float = 30.0, policy: Optional[str] = Non
                     return now >= t_end
                 pipe.wait(sample_and_check, warmup + seconds + 60.0, "the soak")
                 bar.close()
-                rec.flush()
                 pol, exe = rec.policy_values(), rec.executor_values()
         except RuntimeError as err:
             print(f"dp-ros soak: {err}", file=sys.stderr)

@@ -82,7 +82,7 @@ from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 from dp_ros import bringup  # noqa: E402
-from dp_ros.control.contract import ContractChecker  # noqa: E402
+from dp_ros.control.contract import ContractChecker, TimeOrdered  # noqa: E402
 from dp_ros.control.limits import JointLimits  # noqa: E402
 from dp_ros.nodes.trajectory_conv import duration_to_ns, trajectory_to_plan  # noqa: E402
 from dp_ros.nodes.window_msgs import ns_to_stamp  # noqa: E402
@@ -151,8 +151,9 @@ def make_checker(time_tol: float = 0.1) -> ContractChecker:
     # clock; slack: the recorder sees a plan at about the time the executor does
     # jump_threshold: messages from different publishers arrive a little out of order;
     # the simulated clock jumps back by 5 s
-    return ContractChecker(J, limits, LEAD, STALE, CONTROL_DT, time_tol=time_tol, slack=0.2,
-                           jump_threshold=2.0)
+    # TimeOrdered: a command that answers a new plan may reach this observer before the plan
+    return TimeOrdered(ContractChecker(J, limits, LEAD, STALE, CONTROL_DT, time_tol=time_tol,
+                                       slack=0.2, jump_threshold=2.0), lag=0.5, jump=2.0)
 
 
 class Arm:

@@ -33,7 +33,9 @@ must go back to count as a backward clock jump. numpy only: no rclpy here.
 
 from __future__ import annotations
 
+import heapq
 import math
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -315,3 +317,53 @@ class ContractChecker:
         head = f"{self.total} contract violations in {self.commands} commands ({by})"
         return "\n".join([head] + [f"  clause {v.clause} at {v.time:.3f}: {v.detail}"
                                    for v in self.violations[:10]])
+
+
+class TimeOrdered:
+    """Feeds a ContractChecker in time order, for observers on live topics.
+
+    Plans and commands reach an observer on different topics with no order between them:
+    the executor answers a new plan with a command at once, and that command may arrive
+    first, which would look like motion with no plan. Events are held until events `lag`
+    seconds newer have been seen (event time, so simulated time works too), then fed in
+    time order; a jump back in time by more than `jump` releases everything held first.
+    Any other attribute (``total``, ``summary()``, ``blind()``, ...) first feeds all held
+    events, then goes to the checker. Thread-safe."""
+
+    def __init__(self, checker: ContractChecker, lag: float, jump: float):
+        self.checker = checker
+        self.lag = float(lag)
+        self.jump = float(jump)
+        self._held: list = []  # heap of (time, seq, feed)
+        self._seq = 0
+        self._newest: Optional[float] = None
+        self._lock = threading.RLock()
+
+    def plan(self, arrival: float, plan: Plan) -> None:
+        self._push(arrival, lambda: self.checker.plan(arrival, plan))
+
+    def trajectory_command(self, now: float, *args, **kwargs) -> None:
+        self._push(now, lambda: self.checker.trajectory_command(now, *args, **kwargs))
+
+    def stream_command(self, now: float, *args, **kwargs) -> None:
+        self._push(now, lambda: self.checker.stream_command(now, *args, **kwargs))
+
+    def flush(self) -> None:
+        with self._lock:
+            while self._held:
+                heapq.heappop(self._held)[2]()
+
+    def __getattr__(self, name: str):
+        self.flush()
+        return getattr(self.checker, name)
+
+    def _push(self, t: float, feed) -> None:
+        with self._lock:
+            if self._newest is not None and t < self._newest - self.jump:
+                self.flush()  # the clock went back: everything held came before
+                self._newest = None
+            heapq.heappush(self._held, (t, self._seq, feed))
+            self._seq += 1
+            self._newest = t if self._newest is None else max(self._newest, t)
+            while self._held and self._held[0][0] <= self._newest - self.lag:
+                heapq.heappop(self._held)[2]()
