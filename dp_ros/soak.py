@@ -56,7 +56,10 @@ STALE = 1.0
 RSS_GROWTH_LIMIT = 0.05
 CONTRACT_TIME_TOL = 0.1  # s: source timestamp vs the executor's clock reading (see contract.py)
 CONTRACT_SLACK = 0.2     # s: plan arrival here vs at the executor
-REORDER_LAG = 0.5        # s: plans and commands fed to the checker in time order (TimeOrdered)
+# s: plans and commands fed to the checker in time order (TimeOrdered), by their publish
+# times: a reliable sample lost under the image load is resent seconds later (Fast DDS
+# heartbeats), so the recorder may get a plan long after the executor did
+REORDER_LAG = 4.0
 CLOCK_JUMP = 5.0         # s: the system clock does not jump; out-of-order delivery does
 # hard bounds of the queues the nodes report (bounded = never above them):
 QUEUE_BOUNDS = {"buffered": 2048,            # StreamBuffer capacity (control/streams.py)
@@ -132,7 +135,9 @@ class SoakRecorder:
             return
         with self.lock:
             self.plans += 1
-            self.checker.plan(info["received_timestamp"] * 1e-9, plan)
+            # the publish time: the executor got it then (within DDS latency), whenever
+            # this recorder did
+            self.checker.plan(info["source_timestamp"] * 1e-9, plan)
 
     def _on_command(self, msg, info) -> None:
         from dp_ros.nodes.trajectory_conv import duration_to_ns

@@ -152,8 +152,11 @@ def make_checker(time_tol: float = 0.1) -> ContractChecker:
     # jump_threshold: messages from different publishers arrive a little out of order;
     # the simulated clock jumps back by 5 s
     # TimeOrdered: a command that answers a new plan may reach this observer before the plan
+    # pos_tol: this observer's estimate of where the controller is (from the messages it saw,
+    # on its own clock) is good to about a milliradian
     return TimeOrdered(ContractChecker(J, limits, LEAD, STALE, CONTROL_DT, time_tol=time_tol,
-                                       slack=0.2, jump_threshold=2.0), lag=0.5, jump=2.0)
+                                       slack=0.2, pos_tol=1e-3, jump_threshold=2.0),
+                       lag=0.5, jump=2.0)
 
 
 class Arm:
