@@ -362,8 +362,8 @@ def run_demo(episodes: int = 20, policy: Optional[str] = None, fresh: bool = Fal
     _say("\nsummary (success = goal reached within the time limit without touching the "
          "obstacle; left/right: share of episodes that succeeded on that side;\n"
          "switches: episodes that changed sides after committing to one; plan ms: "
-         "inference wall time per plan;\njump: largest change of joint velocity around each "
-         "plan switch)")
+         "inference wall time per plan;\njump: largest change of the executor's commanded "
+         "velocity at each plan switch)")
     _say(summary_table(results, [label for label, _, _ in runs]))
     _say(f"\ndone in {time.monotonic() - started:.0f} s; cached in {cache}")
     return 0

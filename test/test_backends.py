@@ -11,7 +11,8 @@ import torch
 
 from dp_ros.policy.backends import check_backend
 from dp_ros.policy.backends.onnx_backend import OnnxBackendError, choose_providers
-from dp_ros.policy.backends.precision import GateResult, accuracy_gate, action_range, fixed_windows
+from dp_ros.policy.backends.precision import GateResult, accuracy_gate, fixed_windows
+from dp_ros.policy.normalizer import action_range
 from dp_ros.policy.inference import Policy, load_policy
 from helpers_policy import make_checkpoint, random_obs
 

@@ -144,10 +144,11 @@ def test_diffusion_policy_succeeds_on_both_sides(diffusion):
 
 @pytest.mark.slow
 def test_diffusion_policy_commits_to_one_side(diffusion):
-    # measured: 1 episode in about 100 (5 runs of 20) changed sides after committing, so
-    # one is tolerated
+    # sides are judged from the line through the start (closed_loop.switched_sides); from
+    # the base -> goal axis, about 1 episode in 100 was flagged for a hesitation of a few
+    # cm at a start already ~0.12 m off that axis
     switched = [r.seed for r in diffusion.episodes if r.switched_sides]
-    assert len(switched) <= 1, f"episodes that changed sides after committing: seeds {switched}"
+    assert not switched, f"episodes that changed sides after committing: seeds {switched}"
     for r in diffusion.episodes:
         if r.success:
             # the side the sim saw at the obstacle is the side the path committed to

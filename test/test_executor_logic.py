@@ -231,6 +231,27 @@ def test_crossfade_blends_old_and_new():
     assert vel[0] > 0 and vel[-1] < 0
 
 
+
+def test_switch_reports_the_jump_in_reference_velocity():
+    ex = make_executor(vmax=10.0, timeout=2.0)
+    ex.enable(np.zeros(2), T0)
+    first = ex.submit(ramp_plan(T0, [0, 0], [0.5, -0.2]), T0)
+    assert first.accepted and first.velocity_jump is None  # nothing was being tracked
+    run(ex, T0, T0 + 0.2)
+    # the same path, replanned: no jump
+    same = ex.submit(ramp_plan(T0 + 0.2, [0.1, -0.04], [0.5, -0.2]), T0 + 0.2)
+    assert same.velocity_jump == pytest.approx(0.0, abs=1e-9)
+    run(ex, T0 + 0.2, T0 + 0.4)
+    # turning joint a around (b keeps going): the bridge runs from the last command (0.195,
+    # for T0 + 0.39) to the new plan's first future point (0.15 at T0 + 0.5)
+    turn = ex.submit(ramp_plan(T0 + 0.4, [0.2, -0.08], [-0.5, -0.2]), T0 + 0.4)
+    assert turn.velocity_jump == pytest.approx(0.5 + 0.045 / 0.11, abs=1e-6)
+    run(ex, T0 + 0.4, T0 + 0.5)
+    # with a cross-fade the reference velocity changes smoothly: no jump at the switch
+    ex.configure(crossfade_steps=10)
+    back = ex.submit(ramp_plan(T0 + 0.5, [0.15, -0.1], [0.5, -0.2]), T0 + 0.5)
+    assert back.velocity_jump < 0.05
+
 def test_holds_when_plan_runs_out():
     ex = make_executor(timeout=5.0)
     ex.enable(np.zeros(2), T0)

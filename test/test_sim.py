@@ -11,7 +11,7 @@ from dp_ros.sim.arm import (ArmGeometry, CommandRejected, SimulatedArm, parse_po
                             parse_trajectory, two_link_ik)
 from dp_ros.sim.expert import ExpertConfig, ScriptedExpert, rollout
 from dp_ros.sim.render import Palette, View, render_scene, view_for
-from dp_ros.sim.task import (Episode, EpisodeMonitor, clearance, evaluate,
+from dp_ros.sim.task import (Episode, EpisodeMonitor, clearance, evaluate, lateral_offset,
                              sample_episode, segment_distances, task_for)
 
 GEOM = ArmGeometry()
@@ -414,14 +414,21 @@ def test_view_validation():
         View(width=4, height=96)
 
 
-def test_velocity_jumps_at_plan_switches():
-    from dp_ros.sim.closed_loop import velocity_jumps
-    t = np.arange(0.0, 2.0, 0.01)
-    # joint 0 at 0.5 rad/s, then 1.5 rad/s from t = 1.0 (a switch); joint 1 still
-    q0 = np.where(t < 1.0, 0.5 * t, 0.5 + 1.5 * (t - 1.0))
-    joints = np.stack([q0, np.zeros_like(t)], axis=1)
-    jumps = velocity_jumps(t, joints, [0.5, 1.0, 5.0])  # 5.0: after the data, no sample
-    assert jumps.shape == (2,)
-    assert jumps[0] == pytest.approx(0.0, abs=1e-9)  # a switch on a straight path
-    assert jumps[1] == pytest.approx(1.0, rel=1e-6)  # 0.5 -> 1.5 rad/s
-    assert velocity_jumps(t[:2], joints[:2], [0.0]).size == 0
+def test_side_switch_is_judged_from_the_line_through_the_start():
+    from dp_ros.sim.closed_loop import COMMIT_OFFSET, switched_sides
+    ep = sample_episode(10_035, GEOM)
+    start = GEOM.end_effector(np.asarray(ep.start_positions)[None])[0]
+    along = (np.asarray(ep.goal) - start) / np.linalg.norm(np.asarray(ep.goal) - start)
+    left = np.array([-along[1], along[0]])
+    goal = np.asarray(ep.goal)
+    # one way round: committed left, stays left
+    assert not switched_sides(np.array([start, start + 0.3 * left + 0.2 * along, goal]), ep)
+    # committed left, then more than COMMIT_OFFSET to the right: a switch
+    assert switched_sides(np.array([start, start + 0.3 * left, start - 0.3 * left, goal]), ep)
+    # a hesitation smaller than COMMIT_OFFSET before going right is not a commitment
+    small = (COMMIT_OFFSET - 0.05) * left
+    assert not switched_sides(np.array([start, start + small, start - 0.4 * left, goal]), ep)
+    # this episode starts ~0.12 m left of the base -> goal axis: measured from that axis,
+    # the same small move left would already count as committed
+    assert lateral_offset(start, ep) > 0.1
+    assert not switched_sides(np.zeros((0, 2)), ep)

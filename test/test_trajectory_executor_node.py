@@ -331,6 +331,12 @@ def test_joint_trajectory_late_plan_and_switch(rig_factory):
     rig.publish_plan(tb, Q0 + 0.3 * (tb - t0) + np.array([0.1, -0.1]), [0.3, 0.3])
     wait_for(lambda: rig.node.stats["plans_accepted"] >= 2, what="plan B accepted")
     assert rig.node.stats["late_points"] >= 3  # the points at tb .. tb+0.2 (+ lead)
+    # the switch is recorded with its velocity jump: plan B starts 0.1 off plan A, so the
+    # bridge to it runs faster than A's 0.3 rad/s; reported on /diagnostics too
+    (when, jump), = rig.node.switches_since(t0)
+    assert now - 0.05 < when < rig.now() and 0.0 < jump <= 2 * VMAX
+    wait_for(lambda: rig.diag_values().get("plan_switches") == "1", what="switch diagnostics")
+    assert float(rig.diag_values()["switch_velocity_jump_max"]) == pytest.approx(jump, rel=1e-4)
     wait_for(lambda: rig.now() > now + 0.5, what="plan B running")
 
     msgs = rig.received()

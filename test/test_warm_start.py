@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from dp_ros.policy.inference import Policy
+from dp_ros.policy.normalizer import action_range
 from dp_ros.policy.runner import PlanJob, PlanRunner
 from dp_ros.policy.swap import LoadOutcome
-from dp_ros.policy.warm_start import PreviousPlan, check_warm_start_steps, shift_plan
+from dp_ros.policy.warm_start import (FOLLOW_TOLERANCE, PreviousPlan, check_warm_start_steps,
+                                      departure, shift_plan)
 from helpers_policy import random_obs
 
 DT_NS = 100_000_000  # small_config's dt is 0.1 s
@@ -20,6 +22,13 @@ DT_NS = 100_000_000  # small_config's dt is 0.1 s
 
 def _policy(cfg, model, warm: int) -> Policy:
     return Policy(cfg, model, torch.device("cpu"), seed=0, warm_start_steps=warm)
+
+
+def _on_plan(obs: dict, cfg, shifted: np.ndarray) -> dict:
+    """`obs` with the newest state where the (shifted) previous plan put the arm: the
+    robot followed it (small_config's state and action are the same joints)."""
+    obs["state"][-1] = shifted[cfg.T_o - 1]
+    return obs
 
 
 def _noise(cfg, seed: int) -> np.ndarray:
@@ -71,8 +80,9 @@ def test_warm_plan_denoises_the_shifted_previous_plan_with_fewer_calls(cfg, mode
     w, k = 3, 2
     policy = _policy(cfg, model, w)
     K = len(policy.sampler)
-    obs, noise = random_obs(cfg, 2), _noise(cfg, 2)
     prev = np.random.default_rng(5).uniform(-2, 0.5, (cfg.T_p, cfg.action_dim)).astype(np.float32)
+    expected0 = np.concatenate([prev[k:], np.repeat(prev[-1:], k, axis=0)])
+    obs, noise = _on_plan(random_obs(cfg, 2), cfg, expected0), _noise(cfg, 2)
     seen = {}
     real_sample = policy.engine.sample
 
@@ -88,7 +98,6 @@ def test_warm_plan_denoises_the_shifted_previous_plan_with_fewer_calls(cfg, mode
     assert seen["start"] == policy.last_start_index == K - w
     # the initial sample is the previous plan from index k on (padded with its last
     # action), normalised, diffused with the given noise to the level of step K - w
-    expected0 = np.concatenate([prev[k:], np.repeat(prev[-1:], k, axis=0)])
     x0 = policy.model.normalizer.normalize("action", torch.from_numpy(expected0)[None])
     want = policy.sampler.add_noise_at(K - w, x0, torch.from_numpy(noise)[None])
     torch.testing.assert_close(seen["x"], want)
@@ -96,13 +105,51 @@ def test_warm_plan_denoises_the_shifted_previous_plan_with_fewer_calls(cfg, mode
     # a previous plan that does not overlap this one's grid: cold
     policy.predict(obs, noise=noise, previous=PreviousPlan(prev, 0), plan_stamp_ns=100 * DT_NS)
     assert seen["start"] == 0
+    assert policy.cold_reason == "nothing of the previous plan lies ahead"
+
+
+def test_departure_names_the_joint_the_robot_left_the_plan_on():
+    rng = np.ones(2)
+    shifted = np.zeros((8, 2))
+    state = np.zeros(2)
+    assert departure(shifted, state, ["a", "b"], ["a", "b"], rng, T_o=2) is None
+    state[1] = FOLLOW_TOLERANCE * 1.5
+    assert "b is 15% of its range away" in departure(shifted, state, ["a", "b"], ["a", "b"],
+                                                      rng, T_o=2)
+    # only joints that are both state and action are compared, by name, in any order
+    assert "a is 15% of its range away" in departure(shifted, state, ["b", "a"], ["a", "b"],
+                                                      rng, T_o=2)
+    assert departure(shifted, np.array([0.0, 0.0, 9.0]), ["b", "a", "gripper"], ["a", "b"],
+                     rng, T_o=2) is None
+    assert departure(shifted, state, ["x", "y"], ["a", "b"], rng, T_o=2) is None  # cannot tell
+    # the plan's action for the new stamp is index T_o - 1
+    shifted[2, 0] = 1.0
+    assert departure(shifted, np.zeros(2), ["a", "b"], ["a", "b"], rng, T_o=2) is None
+    assert "a is 100%" in departure(shifted, np.zeros(2), ["a", "b"], ["a", "b"], rng, T_o=3)
+
+
+def test_a_robot_off_the_previous_plan_gets_a_cold_plan(cfg, model):
+    """An arm that did not follow the previous plan (disabled executor, a reset between
+    episodes, a push) must not continue its mode: the plan starts cold, and says why."""
+    policy = _policy(cfg, model, 3)
+    prev = np.random.default_rng(6).uniform(-2, 0.5, (cfg.T_p, cfg.action_dim)).astype(np.float32)
+    followed = _on_plan(random_obs(cfg, 4), cfg, prev)
+    policy.predict(followed, noise=_noise(cfg, 4), previous=PreviousPlan(prev, 0), plan_stamp_ns=0)
+    assert policy.cold_reason is None and policy.last_start_index > 0
+    moved = _on_plan(random_obs(cfg, 4), cfg, prev)
+    moved["state"][-1, 0] += 2 * FOLLOW_TOLERANCE * action_range(cfg)[0]
+    cold = policy.predict(moved, noise=_noise(cfg, 4), previous=PreviousPlan(prev, 0),
+                          plan_stamp_ns=0)
+    assert policy.last_start_index == 0
+    assert policy.cold_reason.startswith(cfg.action_names[0]) and "of its range away" in policy.cold_reason
+    np.testing.assert_array_equal(cold, _policy(cfg, model, 0).predict(moved, noise=_noise(cfg, 4)))
 
 
 def test_warm_start_pulls_the_plan_towards_the_previous_one(cfg, model):
     """Fewer steps from a noised previous plan stay closer to it than a cold plan does."""
     policy = _policy(cfg, model, 2)
-    obs = random_obs(cfg, 3)
     prev = np.random.default_rng(9).uniform(-2.5, 0.5, (cfg.T_p, cfg.action_dim)).astype(np.float32)
+    obs = _on_plan(random_obs(cfg, 3), cfg, prev)
     gaps_warm, gaps_cold = [], []
     for s in range(4):
         noise = _noise(cfg, 10 + s)
@@ -145,7 +192,13 @@ def test_plan_runner_hands_the_previous_plan_to_the_next_and_forgets_it_at_a_swa
                 while loader.armed:
                     threading.Event().wait(0.01)
             done.clear()
-            runner.submit(PlanJob(random_obs(cfg, 20 + i), stamp))
+            obs = random_obs(cfg, 20 + i)
+            if outcomes:  # the arm followed the plan before
+                last = outcomes[-1][0]
+                shifted = shift_plan(PreviousPlan(last.actions, last.job.plan_stamp_ns), stamp,
+                                     cfg.dt, cfg.T_p)
+                obs = _on_plan(obs, cfg, shifted)
+            runner.submit(PlanJob(obs, stamp))
             assert done.wait(30)
         first, second, third = outcomes
         assert first[0].ok and second[0].ok and third[0].ok

@@ -46,6 +46,9 @@ class SubmitResult:
     cause: str = ""        # short stable key for counting/logging once per cause
     late_points: int = 0   # points dropped because their time <= now + actuation_lead
     skipped_points: int = 0  # future points skipped because not reachable within the velocity limit
+    # plan switch: the largest change (over joints) of the reference velocity at the
+    # takeover, rad/s (before the step limiter); None when no plan was being tracked
+    velocity_jump: float | None = None
 
     @property
     def accepted(self) -> bool:
@@ -232,22 +235,31 @@ class PlanExecutor:
         T = times[first:]
         P = self.limits.clamp_position(plan.positions[first:])
         p0 = self._last_cmd
+        # while tracking, the bridge starts where the last command was, at the plan time it
+        # was for (up to a control step back): placed at tau0 instead, every switch would
+        # lag a tick and bump the velocity. From a hold it starts at tau0.
+        t0 = tau0 if self._ref is None else \
+            min(tau0, max(self._last_cmd_now + self.actuation_lead, tau0 - self.control_dt))
         # first point reachable from the last command within the velocity limit
         with np.errstate(over="ignore", invalid="ignore"):
-            reach = np.all(np.abs(P - p0) <= self.limits.max_velocity * (T - tau0)[:, None]
+            reach = np.all(np.abs(P - p0) <= self.limits.max_velocity * (T - t0)[:, None]
                            * (1 + 1e-9), axis=1)
         k = int(np.argmax(reach)) if reach.any() else 0  # none: the step limiter catches up
-        new = _Reference(stamp, np.concatenate(([tau0], T[k:])), np.vstack((p0, P[k:])))
+        new = _Reference(stamp, np.concatenate(([t0], T[k:])), np.vstack((p0, P[k:])))
+        before = None if self._ref is None else self._reference_velocity(tau0)
         if self.crossfade_steps > 0 and self._ref is not None:
             self._fade = _Crossfade(self._ref, tau0, tau0 + self.crossfade_steps * self.control_dt)
         else:
             self._fade = None
         self._ref = new
         self._latest_stamp = stamp
+        jump = None if before is None else \
+            float(np.max(np.abs(self._reference_velocity(tau0) - before)))
         if reach.any():
-            return SubmitResult(ACCEPTED, late_points=first, skipped_points=k)
+            return SubmitResult(ACCEPTED, late_points=first, skipped_points=k, velocity_jump=jump)
         return SubmitResult(ACCEPTED, "no point reachable within the velocity limit: the step "
-                                      "limit catches up", "unreachable", late_points=first)
+                                      "limit catches up", "unreachable", late_points=first,
+                            velocity_jump=jump)
 
     # ---- commands ------------------------------------------------------------------
     def command(self, now: float) -> Command:
@@ -346,6 +358,11 @@ class PlanExecutor:
             a = a * a * (3.0 - 2.0 * a)  # smoothstep: the velocity is continuous at both ends
             p = (1.0 - a) * f.old.at(tau) + a * p
         return p
+
+    def _reference_velocity(self, tau: float) -> np.ndarray:
+        """(J,) velocity the reference asks for over the control step after plan time tau."""
+        p = self._reference_at(np.array([tau, tau + self.control_dt]))
+        return (p[1] - p[0]) / self.control_dt
 
     def _check_clock(self, now: float) -> None:
         if not math.isfinite(now):

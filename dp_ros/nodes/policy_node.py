@@ -162,6 +162,7 @@ class PolicyNode(Node):
 
         self._lock = threading.Lock()  # scheduler, stats, swap status
         self.stats: Counter[str] = Counter()
+        self._last_cold_reason: Optional[str] = None  # why the newest cold plan was cold
         self.window_problems = CauseLog(self.get_logger())
         self.plan_problems = CauseLog(self.get_logger())
         self.inference_latency = LatencyStats()
@@ -299,6 +300,10 @@ class PolicyNode(Node):
         with self._lock:
             self.stats["plans"] += 1
             self._last_plan_error = None
+            if outcome.cold_reason is None:
+                self.stats["warm_started_plans"] += 1
+            else:
+                self._last_cold_reason = outcome.cold_reason
             # stamp -> published is what makes a plan's first points stale; if the clocks
             # disagree (no use_sim_time on a replay), inference time is the best we know
             self.scheduler.observe_latency(age if plausible else outcome.latency)
@@ -421,6 +426,8 @@ class PolicyNode(Node):
             "plan_age_last": age["last"], "plan_age_median": age["median"],
             "plan_age_p99": age["p99"],
             "plans_published": stats.get("plans", 0),
+            "warm_started_plans": stats.get("warm_started_plans", 0),
+            "last_cold_start_reason": self._last_cold_reason or "",
             "plan_failures": stats.get("plan_failures", 0),
             "windows_received": stats.get("windows", 0),
             "windows_skipped": stats.get("windows_skipped", 0),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -51,6 +51,7 @@ DEFAULT_COMMAND_TOPIC = {JOINT_TRAJECTORY: "/arm_controller/joint_trajectory",
                          POSITION_STREAM: "/forward_position_controller/commands"}
 PLAN_QOS = QoSProfile(depth=4, reliability=ReliabilityPolicy.RELIABLE)  # as policy_node's
 COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+SWITCH_MEMORY = 1000  # plan switches kept for the velocity-jump figures
 
 
 # name -> (default or type, descriptor). Read-only ones fix the graph and the safety
@@ -213,6 +214,7 @@ class TrajectoryExecutorNode(Node):
         self._reader = JointStateReader(cfg.joint_names)
         self._joint_state: Optional[tuple[np.ndarray, int]] = None  # (positions, received ns)
         self.stats: Counter[str] = Counter()
+        self.switch_jumps: deque[tuple[float, float]] = deque(maxlen=SWITCH_MEMORY)
         self.problems = CauseLog(self.get_logger())  # rejected input, once per cause
         self._status = DISABLED
         self._last_reason = ""
@@ -265,6 +267,8 @@ class TrajectoryExecutorNode(Node):
                 self.stats["skipped_points"] += result.skipped_points
                 if result.accepted:
                     self._send_now = True
+                if result.velocity_jump is not None:
+                    self.switch_jumps.append((now_ns * 1e-9, result.velocity_jump))
             status, cause, reason = result.status, result.cause, result.reason
         with self._lock:
             self.stats["plans_received"] += 1
@@ -439,10 +443,20 @@ class TrajectoryExecutorNode(Node):
             values[key] = stats.get(key, 0)
         values.update({k: v for k, v in stats.items() if "/" in k})
         values.update({f"problems/{k}": v for k, v in problems.items()})
+        jumps = [j for _, j in self.switches_since(-math.inf)]
+        values["plan_switches"] = len(jumps)  # of the last SWITCH_MEMORY
+        values["switch_velocity_jump_last"] = jumps[-1] if jumps else ""
+        values["switch_velocity_jump_mean"] = float(np.mean(jumps)) if jumps else ""
+        values["switch_velocity_jump_max"] = max(jumps) if jumps else ""
         values["clock_jumps"] = self.plan_executor.clock_jumps
         values["plans_held"] = self.plan_executor.plans_held
         return [make_status(f"{self.get_fully_qualified_name()}: executor", level, message,
                             values)]
+
+    def switches_since(self, t: float) -> list[tuple[float, float]]:
+        """(node time s, velocity jump rad/s) of the plan switches after `t`, oldest first."""
+        with self._lock:
+            return [(when, jump) for when, jump in self.switch_jumps if when > t]
 
     def destroy_node(self) -> None:
         if hasattr(self, "_diagnostics"):  # absent when the constructor refused a parameter

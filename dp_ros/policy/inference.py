@@ -18,6 +18,7 @@ import torch
 from .checkpoint import load_config, load_weights
 from .config import PolicyConfig
 from .model import DiffusionPolicyModel, build_model
+from .normalizer import action_range
 
 if TYPE_CHECKING:
     from .warm_start import PreviousPlan
@@ -96,6 +97,8 @@ class Policy:
         self.generator.manual_seed(seed if seed is not None else torch.seed() % (2**63))
         self.warm_start_steps = warm_start_steps
         self.last_start_index = 0  # sampler step the last plan started from (0 = cold)
+        self.cold_reason: Optional[str] = "warm start off"  # why the last plan started cold
+        self._action_range = action_range(cfg)
         reference = None
         if precision != "fp32" and gate and backend == "torch":
             import copy
@@ -191,7 +194,9 @@ class Policy:
         `previous` plan and this plan's stamp `plan_stamp_ns`, the previous plan shifted to
         this plan's time grid, diffused with `noise` to the level of step
         K - warm_start_steps, is denoised instead (fewer network calls); without them, or
-        when nothing of the previous plan lies ahead, the plan starts cold.
+        when nothing of the previous plan lies ahead, or the robot is not where the previous
+        plan put it (``warm_start.departure``), the plan starts cold; ``cold_reason`` says
+        which (None after a warm start).
         """
         cfg = self.config
         self.check_observation(obs)
@@ -207,10 +212,14 @@ class Policy:
                 raise ValueError(f"noise has shape {noise.shape}, expected {shape[1:]}")
             x = torch.from_numpy(noise)[None].to(self.device)
         start = 0
+        self.cold_reason = "warm start off"
         if self._warm_start_steps and previous is not None and plan_stamp_ns is not None:
-            from .warm_start import shift_plan
+            from .warm_start import departure, shift_plan
             init = shift_plan(previous, plan_stamp_ns, cfg.dt, cfg.T_p)
-            if init is not None:
+            self.cold_reason = "nothing of the previous plan lies ahead" if init is None else \
+                departure(init, state[-1].cpu().numpy(), cfg.state_names, cfg.action_names,
+                          self._action_range, cfg.T_o)
+            if self.cold_reason is None:
                 start = len(self.sampler) - self._warm_start_steps
                 x0 = self.model.normalizer.normalize(
                     "action", torch.from_numpy(init)[None].to(self.device))

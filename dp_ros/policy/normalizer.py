@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import NormStats
+from .config import NormStats, PolicyConfig
 
 RANGE_EPS = 1e-4  # below this a dimension is treated as constant (no division by ~0)
 _OUT_MIN, _OUT_MAX = -1.0, 1.0
@@ -103,3 +103,15 @@ class Normalizer(nn.Module):
             return y
         scale, offset = self._affine(key, y)
         return (y - offset) / scale
+
+
+def action_range(cfg: PolicyConfig) -> np.ndarray:
+    """Per-dimension range of the actions (max - min of the statistics; 4 std without them)."""
+    st = cfg.normalizer.get("action")
+    if st is None:
+        return np.full(cfg.action_dim, 2.0)
+    if st.min is not None and st.max is not None:
+        rng = np.asarray(st.max, np.float64) - np.asarray(st.min, np.float64)
+    else:
+        rng = 4.0 * np.asarray(st.std, np.float64)
+    return np.maximum(rng, 1e-6)

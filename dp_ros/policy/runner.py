@@ -74,7 +74,8 @@ class PlanJob:
 class PlanOutcome:
     """One finished job. `actions` (T_p, A) float32 when it succeeded, else `error` =
     (cause, detail); `latency` is the inference time in seconds (perf_counter), `queue_wait`
-    the time the job waited for the worker (busy with the previous plan) before it."""
+    the time the job waited for the worker (busy with the previous plan) before it;
+    `cold_reason` why the plan did not warm-start from the previous one (None: it did)."""
 
     job: PlanJob
     policy_id: str
@@ -83,6 +84,7 @@ class PlanOutcome:
     error: Optional[tuple[str, str]]
     latency: float
     queue_wait: float = 0.0
+    cold_reason: Optional[str] = "warm start off"
 
     @property
     def ok(self) -> bool:
@@ -208,7 +210,8 @@ class PlanRunner:
         except Exception as exc:  # noqa: BLE001 - a failing policy never kills the node
             error = (f"predict_{type(exc).__name__}", str(exc) or repr(exc))
         return PlanOutcome(job, policy.policy_id, cfg, actions, error, time.perf_counter() - t0,
-                           queue_wait=max(0.0, t0 - job.submitted))
+                           queue_wait=max(0.0, t0 - job.submitted),
+                           cold_reason=getattr(policy, "cold_reason", "warm start off"))
 
 
 class LatencyStats:

@@ -8,15 +8,24 @@ action. The policy then diffuses that guess to the noise level of sampler step
 K - warm_start_steps (``Sampler.add_noise_at``) and denoises only the last
 ``warm_start_steps`` steps. warm_start_steps = 0 is a cold start from pure noise.
 
+A plan is only worth continuing when the robot followed it: ``departure`` compares the
+shifted plan's action for the new stamp with the observed state on the joints that are
+both state and action (position control). Where they differ by more than
+FOLLOW_TOLERANCE of the action range (the executor was disabled, the arm was reset or
+pushed, a plan was rejected), the plan starts cold; otherwise a warm-start chain would
+carry one episode's mode into the next.
+
 No ROS here: the caller (PlanRunner) hands the previous plan and the new plan's stamp in.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
+
+FOLLOW_TOLERANCE = 0.1  # of the action range: well above tracking lag (v_max * latency)
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,28 @@ def shift_plan(previous: PreviousPlan, stamp_ns: int, dt: float, T_p: int) -> Op
     for a in range(prev.shape[1]):
         out[:, a] = np.interp(src, grid, prev[:, a])  # clamps: pads with the last action
     return out.astype(np.float32)
+
+
+def departure(shifted: np.ndarray, state_now: np.ndarray, state_names: Sequence[str],
+              action_names: Sequence[str], action_range: np.ndarray, T_o: int,
+              tolerance: float = FOLLOW_TOLERANCE) -> Optional[str]:
+    """Why the robot is not on the previous plan (None: it is, or nothing to compare).
+
+    `shifted` is ``shift_plan``'s output (index T_o - 1 is the action for the new stamp),
+    `state_now` the newest observed state. Only dimensions named in both state and action
+    are compared: an end-effector action against joint states cannot be checked here."""
+    index = {name: i for i, name in enumerate(state_names)}
+    shared = [(a, index[name]) for a, name in enumerate(action_names) if name in index]
+    if not shared:
+        return None
+    a_idx, s_idx = (np.array(ix) for ix in zip(*shared))
+    off = np.abs(np.asarray(shifted, np.float64)[T_o - 1, a_idx]
+                 - np.asarray(state_now, np.float64)[s_idx]) / np.asarray(action_range)[a_idx]
+    worst = int(np.argmax(off))
+    if off[worst] <= tolerance:
+        return None
+    return (f"{action_names[a_idx[worst]]} is {off[worst]:.0%} of its range away from the "
+            f"previous plan (> {tolerance:.0%})")
 
 
 def check_warm_start_steps(value: int, num_inference_steps: int) -> int:

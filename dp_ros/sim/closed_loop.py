@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from dp_ros.sim.task import Episode, lateral_offset
+from dp_ros.sim.task import Episode
 
 DEFAULT_PARAMS = "demo_robot.yaml"
 CLOCK_START = 100.0       # s; simulated time starts here (0 means "no clock yet" to nodes)
@@ -72,8 +72,8 @@ class EpisodeRecord:
     ee: np.ndarray = field(repr=False)       # (M, 2) end-effector path
     joint_times: np.ndarray = field(repr=False)  # (M,) the same times
     joints: np.ndarray = field(repr=False)       # (M, n) joint positions (/joint_states)
-    # per plan that arrived while the executor ran: the largest change of joint velocity
-    # (rad/s, over joints and consecutive joint states) around its arrival
+    # per plan switch while the executor ran: the largest change (over joints) of the
+    # commanded reference velocity at the takeover, rad/s (PlanExecutor.submit)
     switch_jumps: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     @property
@@ -157,32 +157,20 @@ def _mean_or_none(values: np.ndarray, reduce) -> Optional[float]:
     return float(reduce(values)) if len(values) else None
 
 
-def velocity_jumps(times: np.ndarray, joints: np.ndarray, switches: Sequence[float],
-                   before: float = 0.03, after: float = 0.15) -> np.ndarray:
-    """For each plan switch time, the largest change of joint velocity (rad/s; max over
-    joints, between consecutive finite-difference velocities of the joint states) from
-    `before` s before to `after` s after it: the jump the arm feels when the executor
-    moves to the new plan."""
-    times, joints = np.asarray(times, float), np.asarray(joints, float)
-    if len(times) < 3:
-        return np.zeros(0)
-    v = np.diff(joints, axis=0) / np.maximum(np.diff(times), 1e-6)[:, None]
-    dv = np.abs(np.diff(v, axis=0)).max(axis=1)   # at times[1:-1]
-    t_dv = times[1:-1]
-    out = []
-    for s in switches:
-        sel = (t_dv >= s - before) & (t_dv <= s + after)
-        if sel.any():
-            out.append(float(dv[sel].max()))
-    return np.array(out)
-
-
 def switched_sides(ee: np.ndarray, episode: Episode, commit: float = COMMIT_OFFSET) -> bool:
-    """True when the end effector, once more than ``commit`` m to one side of the
-    start -> goal axis, later gets more than ``commit`` m to the other side."""
+    """True when the end effector, once more than ``commit`` m to one side of the line from
+    where it started (``ee[0]``) to the goal centre, later gets more than ``commit`` m to
+    the other side. The line through the start, not the arm's base: a start up to ~0.17 m
+    off the base -> goal axis would otherwise count a small first move as a commitment."""
+    ee = np.asarray(ee, dtype=float).reshape(-1, 2)
     if len(ee) == 0:
         return False
-    off = lateral_offset(np.asarray(ee, dtype=float), episode)
+    axis = np.asarray(episode.goal, dtype=float) - ee[0]
+    length = float(np.linalg.norm(axis))
+    if length < 1e-9:
+        return False
+    rel = ee - ee[0]
+    off = (axis[0] * rel[:, 1] - axis[1] * rel[:, 0]) / length  # > 0: left of the line
     beyond = np.abs(off) > commit
     if not beyond.any():
         return False
@@ -239,7 +227,6 @@ class _Supervisor:
         self.recording = False
         self.js_log: list[tuple[float, tuple[float, ...]]] = []
         self.plan_stamps: list[float] = []
-        self.plan_arrivals: list[float] = []  # sim time each plan was received here
         self.plan_ages: list[float] = []
         self.policy_status: dict[str, str] = {}
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
@@ -315,7 +302,6 @@ class _Supervisor:
         t = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         with self.lock:
             self.plan_stamps.append(t)
-            self.plan_arrivals.append(self.sim_time)
             age = self.sim_time - t
             self.plan_ages.append(age)
             # plan latency on the sim clock is speed x the wall-clock inference time: slow
@@ -470,10 +456,13 @@ def run_closed_loop(policy_path: str | Path, episodes: int = 20, seed: int = 0,
         _check_alone(sup.node, domain_id)
         log(f"running {episodes} episodes with {Path(policy_path).name} at up to "
             f"{speed:g}x real time")
+        # plan switches (velocity jumps) are read from the executor node when it runs here
+        executor_node = by_name.get("trajectory_executor")
+        switches = executor_node.switches_since if executor_node is not None else lambda t: []
         records = []
         for k in range(episodes):
             records.append(_run_episode(sup, k, cfg.dt, cfg.T_o, time_limit,
-                                        by_name["sim_arm"].geometry))
+                                        by_name["sim_arm"].geometry, switches))
             if on_episode is not None:
                 on_episode(records[-1])
         sup.set_enabled(False)
@@ -526,8 +515,8 @@ def _float(text: Optional[str]) -> Optional[float]:
         return None
 
 
-def _run_episode(sup: _Supervisor, k: int, dt: float, T_o: int,
-                 time_limit: Optional[float], geometry) -> EpisodeRecord:
+def _run_episode(sup: _Supervisor, k: int, dt: float, T_o: int, time_limit: Optional[float],
+                 geometry, switches: Callable[[float], list]) -> EpisodeRecord:
     wall0 = time.monotonic()
     sup.set_enabled(False)
     t_off = sup.now()
@@ -561,7 +550,6 @@ def _run_episode(sup: _Supervisor, k: int, dt: float, T_o: int,
         sup.recording = False
         task = dict(sup.task or {})
         js = sup.js_log[:]
-        arrivals = sup.plan_arrivals[:]
     t_end = sup.now()
     ours = task.get("seed") == episode.seed
     success = bool(ours and task.get("success"))
@@ -581,6 +569,5 @@ def _run_episode(sup: _Supervisor, k: int, dt: float, T_o: int,
         duration=float(t_end - t_enable),
         min_clearance=task.get("min_clearance") if ours else None,
         switched_sides=switched_sides(ee, episode), wall_seconds=time.monotonic() - wall0,
-        switch_jumps=velocity_jumps(j_t - t_enable, joints,
-                                    [a - t_enable for a in arrivals if t_enable < a < t_end]),
+        switch_jumps=np.array([jump for when, jump in switches(t_enable) if when <= t_end]),
         times=j_t - t_enable, ee=ee, joint_times=j_t - t_enable, joints=joints)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..config import PolicyConfig
+from ..normalizer import action_range
 
 GATE_LIMIT = 0.01
 GATE_WINDOWS = 8
@@ -31,18 +32,6 @@ def fixed_windows(cfg: PolicyConfig, count: int = GATE_WINDOWS, seed: int = GATE
                "state": rng.uniform(lo, hi, (cfg.T_o, cfg.state_dim)).astype(np.float32)}
         out.append((obs, rng.standard_normal((cfg.T_p, cfg.action_dim)).astype(np.float32)))
     return out
-
-
-def action_range(cfg: PolicyConfig) -> np.ndarray:
-    """Per-dimension range of the actions (max - min of the statistics; 4 std without them)."""
-    st = cfg.normalizer.get("action")
-    if st is None:
-        return np.full(cfg.action_dim, 2.0)
-    if st.min is not None and st.max is not None:
-        rng = np.asarray(st.max, np.float64) - np.asarray(st.min, np.float64)
-    else:
-        rng = 4.0 * np.asarray(st.std, np.float64)
-    return np.maximum(rng, 1e-6)
 
 
 @dataclass
