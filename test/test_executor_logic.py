@@ -232,6 +232,25 @@ def test_crossfade_blends_old_and_new():
 
 
 
+def test_a_plan_arriving_during_a_crossfade_blends_out_the_running_blend():
+    ex = make_executor(crossfade=10, vmax=10.0)
+    ex.enable(np.zeros(2), T0)
+    ex.submit(ramp_plan(T0, [0, 0], [0.5, 0.5]), T0)
+    cmds = run(ex, T0, T0 + 0.2)
+    ex.submit(ramp_plan(T0 + 0.2, [0.1, 0.1], [-0.5, -0.5]), T0 + 0.2)  # turns around
+    cmds += run(ex, T0 + 0.2, T0 + 0.25)
+    assert ex.plans_held == 2
+    # mid-blend, a third plan: the blend it replaces is faded out, not cut off
+    third = ex.submit(ramp_plan(T0 + 0.25, [0.1, 0.1], [0.5, 0.5]), T0 + 0.25)
+    assert ex.plans_held == 3 and third.velocity_jump < 0.1
+    cmds += run(ex, T0 + 0.25, T0 + 0.5)
+    vel = np.array([c.velocities[0] for c in cmds[1:]])
+    # cutting the running blend (fading from plan B alone) stepped the position back:
+    # -3.4 rad/s for one tick, and a reference velocity jump of 0.6 rad/s at the switch
+    assert np.abs(vel).max() < 1.5
+    assert ex.plans_held == 1  # both blends over: only the newest plan is kept
+
+
 def test_switch_reports_the_jump_in_reference_velocity():
     ex = make_executor(vmax=10.0, timeout=2.0)
     ex.enable(np.zeros(2), T0)

@@ -18,7 +18,7 @@ from dp_ros.policy.backends.onnx_backend import MANIFEST, OnnxBackendError  # no
 from dp_ros.policy.export import EQUAL_TOL, export_policy  # noqa: E402
 from dp_ros.policy.inference import load_policy  # noqa: E402
 from dp_ros.policy.config import ScheduleConfig  # noqa: E402
-from dp_ros.policy.warm_start import PreviousPlan  # noqa: E402
+from dp_ros.policy.warm_start import PreviousPlan, shift_plan  # noqa: E402
 from helpers_policy import make_checkpoint, random_obs, small_config  # noqa: E402
 
 TOL = 1e-4
@@ -46,8 +46,8 @@ def test_export_command_writes_the_graphs_and_prints_the_checks(exported, capsys
     assert "onnxruntime (step) vs torch" in text and "onnxruntime (loop) vs torch" in text
     assert "int8: max |action - fp32|" in text  # the accuracy gate is printed
     manifest = json.loads((out / MANIFEST).read_text())
-    for name in [*manifest["encoders"].values(), manifest["step"], manifest["loop"],
-                 manifest["int8"]["file"]]:
+    for name in [*manifest["encoders"].values(), manifest["step"], manifest["film"],
+                 manifest["loop"], manifest["int8"]["file"]]:
         assert (out / name).is_file(), name
     assert manifest["plan_graph"] in ("step", "loop")
     assert all(v <= EQUAL_TOL for v in manifest["equality"]["max_abs"].values())
@@ -91,6 +91,8 @@ def test_warm_start_through_the_step_graph_equals_torch(exported):
     prev = PreviousPlan(np.random.default_rng(3).uniform(-3, 1, (cfg.T_p, cfg.action_dim))
                         .astype(np.float32), stamp_ns=0)
     obs, noise = random_obs(cfg, 4), _noise(cfg, 4)
+    # the newest state where the previous plan put the arm: it followed the plan (warm)
+    obs["state"][-1] = shift_plan(prev, 200_000_000, cfg.dt, cfg.T_p)[cfg.T_o - 1]
     a = ref.predict(obs, noise=noise, previous=prev, plan_stamp_ns=200_000_000)
     calls = ort.engine.denoiser_calls
     b = ort.predict(obs, noise=noise, previous=prev, plan_stamp_ns=200_000_000)
@@ -127,6 +129,7 @@ def test_transformer_with_ddpm_exports_the_step_graph_equal_to_torch(tmp_path):
     manifest = export_policy(ref, tmp_path / "onnx", check_windows=1, time_repeats=1,
                              log=lambda _m: None)
     assert manifest["loop"] is None and manifest["equality"]["max_abs"]["step"] <= TOL
+    assert manifest["film"] is None  # no FiLM in the transformer: the step takes the timestep
     ort = load_policy(ckpt, device="cpu", seed=0, backend="onnxruntime", onnx_dir=tmp_path / "onnx")
     for s in range(2):
         ref.generator.manual_seed(s)

@@ -85,6 +85,47 @@ def test_training_loss_decreases_and_shapes(denoiser):
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
+@pytest.mark.parametrize("cond_predict_scale", [True, False])
+def test_unet_film_precomputed_for_a_plan_equals_the_per_step_forward(cond_predict_scale):
+    from dp_ros.policy.unet import ConditionalUnet1D
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(2, 20, UnetConfig(down_dims=[16, 32, 64], step_embed_dim=16,
+                                              cond_predict_scale=cond_predict_scale)).eval()
+    g, x = torch.randn(3, 20), torch.randn(3, 8, 2)
+    steps = torch.tensor([99, 66, 33, 0])
+    with torch.no_grad():
+        film = net.film(g, steps)
+        assert film.shape == (4, 3, sum(b.cond_encoder[1].out_features for b in net.film_blocks()))
+        for t, row in zip(steps, film):
+            assert (net.forward_film(x, row) - net(x, t, g)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("cond_predict_scale", [True, False])
+def test_plan_with_precomputed_film_equals_the_per_step_path(cond_predict_scale):
+    """Policy.predict (FiLM for the plan up front) against model.sample (the network's plain
+    forward at each step), cold and from a later start index (warm start)."""
+    from dp_ros.policy.inference import Policy
+    cfg = small_config()
+    cfg.unet.cond_predict_scale = cond_predict_scale
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    policy = Policy(cfg, model, torch.device("cpu"), seed=0)
+    obs = random_obs(cfg, 3)
+    noise = np.random.default_rng(3).standard_normal((cfg.T_p, cfg.action_dim)).astype(np.float32)
+    with torch.no_grad():
+        images = {"image": torch.from_numpy(obs["images"]["image"])[None]}
+        cond = model.observation_condition(images, torch.from_numpy(obs["state"])[None])
+        x = torch.from_numpy(noise)[None]
+        ref = model.sample(cond, x)[0].numpy()
+        assert np.abs(policy.predict(obs, noise=noise) - ref).max() <= 1e-5
+        feats = policy._frame_features(obs)[None]
+        state = torch.from_numpy(obs["state"])[None]
+        late = policy.engine.sample(feats, state, x, 2, None)
+        ref_late = model.normalizer.unnormalize(
+            "action", policy.sampler.run(model.model_fn(cond), x, start_index=2))
+        assert (late - ref_late).abs().max() <= 1e-5
+
+
 def test_unet_rejects_horizon_not_divisible():
     with pytest.raises(ConfigError, match="divisible"):
         PolicyConfig(T_p=10, T_a=4, unet=UnetConfig(down_dims=[8, 16, 32])).validate()

@@ -106,7 +106,7 @@ class PlanCost:
     """Work of one fp32 plan: encoder (both frames) + `steps` network calls."""
 
     params: int
-    denoiser_params: int
+    step_params: int  # read at every network call (the U-Net's FiLM encoders once per plan)
     encoder_flops: float
     step_flops: float
     steps: int
@@ -116,7 +116,7 @@ class PlanCost:
 
     def weight_bytes(self, steps: Optional[int] = None) -> float:
         steps = self.steps if steps is None else steps
-        return 4.0 * (self.denoiser_params * steps + self.params - self.denoiser_params)
+        return 4.0 * (self.step_params * steps + self.params - self.step_params)
 
     def bound_ms(self, rates: MachineRates, steps: Optional[int] = None) -> float:
         return rates.bound_seconds(self.flops(steps), self.weight_bytes(steps)) * 1e3
@@ -127,7 +127,9 @@ def plan_cost(policy: Policy) -> PlanCost:
     model = policy.model
     params = sum(p.numel() for p in model.parameters())
     den = model.denoiser if model.denoiser is not None else model.regressor
-    den_params = sum(p.numel() for p in den.parameters())
+    film = [] if model.denoiser is None or not hasattr(den, "film_blocks") else \
+        [p for blk in den.film_blocks() for p in blk.cond_encoder.parameters()]
+    den_params = sum(p.numel() for p in den.parameters()) - sum(p.numel() for p in film)
     steps = len(policy.sampler) if model.denoiser is not None else 1
     obs, noise, _ = next(_windows(policy.config, 1, seed=99))
     policy.cache.clear()
@@ -376,8 +378,8 @@ def _run(iterations, device, which, backends, precisions, variants, compare, ler
         policies = {}
         for v in variants:
             policies[v.label] = make_policy(cfg, model, v, device, onnx_dir)
-        print(f"\n{label}: {cost.params / 1e6:.1f} M parameters ({cost.denoiser_params / 1e6:.1f} M "
-              f"denoiser), {cost.flops() / 1e9:.2f} GFLOP ({cost.encoder_flops / 1e9:.2f} in the "
+        print(f"\n{label}: {cost.params / 1e6:.1f} M parameters ({cost.step_params / 1e6:.1f} M "
+              f"read at every denoising step), {cost.flops() / 1e9:.2f} GFLOP ({cost.encoder_flops / 1e9:.2f} in the "
               f"encoder) and {cost.weight_bytes() / 1e9:.2f} GB of weight reads per cold fp32 "
               f"plan; machine bound {bound:.1f} ms", flush=True)
         if compare == "lerobot":

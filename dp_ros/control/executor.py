@@ -84,9 +84,22 @@ class _Reference:
 
 @dataclass(frozen=True, eq=False)
 class _Crossfade:
-    old: _Reference
+    """Blend from what was commanded before a switch (`old`: a plan, or a blend still
+    running when the next plan came) to the new plan over [start, end]."""
+    old: "_Reference | _Crossfade"
+    new: _Reference
     start: float
     end: float
+
+    @property
+    def depth(self) -> int:
+        """Old plans this blend still holds."""
+        return 1 + (self.old.depth if isinstance(self.old, _Crossfade) else 0)
+
+    def at(self, tau: np.ndarray) -> np.ndarray:
+        a = np.clip((tau - self.start) / (self.end - self.start), 0.0, 1.0)[:, None]
+        a = a * a * (3.0 - 2.0 * a)  # smoothstep: the velocity is continuous at both ends
+        return (1.0 - a) * self.old.at(tau) + a * self.new.at(tau)
 
 
 class PlanExecutor:
@@ -163,8 +176,8 @@ class PlanExecutor:
 
     @property
     def plans_held(self) -> int:
-        """Plans kept in memory: the active one and, during a cross-fade, the old one."""
-        return int(self._ref is not None) + int(self._fade is not None)
+        """Plans kept in memory: the active one and, during a cross-fade, the old ones."""
+        return int(self._ref is not None) + (self._fade.depth if self._fade is not None else 0)
 
     @property
     def last_command(self) -> np.ndarray | None:
@@ -248,7 +261,9 @@ class PlanExecutor:
         new = _Reference(stamp, np.concatenate(([t0], T[k:])), np.vstack((p0, P[k:])))
         before = None if self._ref is None else self._reference_velocity(tau0)
         if self.crossfade_steps > 0 and self._ref is not None:
-            self._fade = _Crossfade(self._ref, tau0, tau0 + self.crossfade_steps * self.control_dt)
+            # from what is commanded now: a blend still running is blended out, not cut
+            self._fade = _Crossfade(self._fade or self._ref, new, tau0,
+                                    tau0 + self.crossfade_steps * self.control_dt)
         else:
             self._fade = None
         self._ref = new
@@ -351,13 +366,7 @@ class PlanExecutor:
 
     # ---- internals -----------------------------------------------------------------
     def _reference_at(self, tau: np.ndarray) -> np.ndarray:
-        p = self._ref.at(tau)
-        if self._fade is not None:
-            f = self._fade
-            a = np.clip((tau - f.start) / (f.end - f.start), 0.0, 1.0)[:, None]
-            a = a * a * (3.0 - 2.0 * a)  # smoothstep: the velocity is continuous at both ends
-            p = (1.0 - a) * f.old.at(tau) + a * p
-        return p
+        return (self._fade or self._ref).at(tau)
 
     def _reference_velocity(self, tau: float) -> np.ndarray:
         """(J,) velocity the reference asks for over the control step after plan time tau."""

@@ -3,12 +3,16 @@
 Writes into OUT:
 - ``encoder_<i>.onnx`` per camera: uint8 frames (N, H, W, 3) -> features (N, F), the crop
   and pixel normalisation inside (exported per frame, so the feature cache still works);
-- ``denoiser_step.onnx``: one network evaluation, inputs ``sample`` (1, T_p, A) normalised,
-  ``timestep`` (1,) int64, ``frame_features`` (1, T_o, F) and raw ``state`` (1, T_o, D) ->
-  the network output; the state normaliser is folded in;
+- ``denoiser_step.onnx``: one network evaluation, inputs ``sample`` (1, T_p, A) normalised
+  and the conditioning -> the network output. For the U-Net the conditioning is ``film``
+  (1, F), that step's row of ``denoiser_film.onnx``; for the transformer it is ``timestep``
+  (1,) int64, ``frame_features`` (1, T_o, F) and raw ``state`` (1, T_o, D);
+- ``denoiser_film.onnx`` (U-Net only): ``timesteps`` (K,) int64 + ``frame_features`` + raw
+  ``state`` -> ``film`` (K, 1, F), every FiLM vector of a plan's K steps, run once per
+  plan; the state normaliser is folded in;
 - ``denoiser_loop.onnx`` (DDIM only): the whole cold-start loop unrolled, ``noise`` +
   ``frame_features`` + raw ``state`` -> raw actions (1, T_p, A), both normalisers and the
-  sampler folded in;
+  sampler folded in (the U-Net's FiLM computed once, before the loop);
 - ``denoiser_step_int8.onnx`` with ``--int8``: weights quantized to int8 (onnxruntime
   dynamic quantization), with its accuracy gate against fp32;
 - ``manifest.json``: files, a digest of the weights and config they came from, which
@@ -39,6 +43,7 @@ from .backends.onnx_backend import FORMAT, MANIFEST, import_onnxruntime
 from .backends.precision import accuracy_gate, fixed_windows
 from .model import DiffusionPolicyModel
 from .schedule import Sampler
+from .unet import ConditionalUnet1D
 
 EQUAL_TOL = 1e-4
 OPSET = 17
@@ -124,6 +129,29 @@ class _Step(nn.Module):
         return self.model.denoise(sample, timestep, self.model.condition(feats, state))
 
 
+class _Film(nn.Module):
+    """The U-Net's FiLM for a plan's steps. A graph of its own, run once per plan, rather
+    than folded into the step graph: the step graph serves warm starts and int8 too, and
+    then no longer reads the conditioning weights at every step."""
+
+    def __init__(self, model: DiffusionPolicyModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, timesteps: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        feats, state = _split(self.model, rest)
+        return self.model.denoiser.film(self.model.condition(feats, state).flatten(1), timesteps)
+
+
+class _FilmStep(nn.Module):
+    def __init__(self, model: DiffusionPolicyModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
+        return self.model.denoiser.forward_film(sample, film)
+
+
 class _Loop(nn.Module):
     def __init__(self, model: DiffusionPolicyModel, sampler: Sampler):
         super().__init__()
@@ -131,11 +159,10 @@ class _Loop(nn.Module):
 
     def forward(self, noise: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         feats, state = _split(self.model, rest)
-        cond = self.model.condition(feats, state)
+        net = self.model.plan_fn(self.model.condition(feats, state), self.sampler.timesteps)
         x = noise
         for k in range(len(self.sampler)):
-            out = self.model.denoise(x, self.sampler.timesteps[k], cond)
-            x = self.sampler.step(k, x, out)
+            x = self.sampler.step(k, x, net(x, self.sampler.timesteps[k]))
         return self.model.normalizer.unnormalize("action", x)
 
 
@@ -172,7 +199,7 @@ def write_onnx(model: DiffusionPolicyModel, sampler: Sampler, out_dir: str | Pat
     digest = model_digest(model)
     model = matmul_form(model)
     manifest: dict = {"format": FORMAT, "digest": digest, "opset": OPSET,
-                      "encoders": {}, "step": "denoiser_step.onnx", "loop": None,
+                      "encoders": {}, "step": "denoiser_step.onnx", "film": None, "loop": None,
                       "plan_graph": "step", "torch": torch.__version__}
     with torch.no_grad():
         for i, cam in enumerate(cfg.cameras):
@@ -183,8 +210,17 @@ def write_onnx(model: DiffusionPolicyModel, sampler: Sampler, out_dir: str | Pat
             manifest["encoders"][cam.name] = name
         names, values = _cond_inputs(cfg)
         sample = torch.zeros(1, cfg.T_p, cfg.action_dim)
-        _export(_Step(model), (sample, torch.tensor([1], dtype=torch.int64), *values),
-                out / manifest["step"], ["sample", "timestep", *names], ["model_output"])
+        if isinstance(model.denoiser, ConditionalUnet1D):
+            manifest["film"] = "denoiser_film.onnx"
+            steps = sampler.timesteps[:2]  # any count: K is a dynamic axis
+            _export(_Film(model), (steps, *values), out / manifest["film"], ["timesteps", *names],
+                    ["film"], {"timesteps": {0: "steps"}, "film": {0: "steps"}})
+            film = _Film(model)(steps, *values)[0]
+            _export(_FilmStep(model), (sample, film), out / manifest["step"], ["sample", "film"],
+                    ["model_output"])
+        else:
+            _export(_Step(model), (sample, torch.tensor([1], dtype=torch.int64), *values),
+                    out / manifest["step"], ["sample", "timestep", *names], ["model_output"])
         if loop and not any(sampler.noisy):
             manifest["loop"] = "denoiser_loop.onnx"
             _export(_Loop(model, sampler), (sample, *values), out / manifest["loop"],

@@ -84,6 +84,16 @@ class DiffusionPolicyModel(nn.Module):
     def model_fn(self, cond: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         return lambda x, t: self.denoise(x, t, cond)
 
+    def plan_fn(self, cond: torch.Tensor,
+                timesteps: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """model_fn for one plan that visits `timesteps` in order, as Sampler.run calls it.
+        The U-Net gets every step's FiLM up front in one pass (ConditionalUnet1D.film:
+        its weights read once per plan); the transformer has no FiLM and runs per step."""
+        if not isinstance(self.denoiser, ConditionalUnet1D):
+            return self.model_fn(cond)
+        rows = iter(self.denoiser.film(cond.flatten(1), timesteps))
+        return lambda x, _t: self.denoiser.forward_film(x, next(rows))
+
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, noise: torch.Tensor, sampler: Optional[Sampler] = None,
                variance_noise: Optional[torch.Tensor] = None,

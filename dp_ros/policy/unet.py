@@ -3,11 +3,15 @@
 1-D convolutions over the action sequence, GroupNorm + Mish, and FiLM conditioning (a scale
 and a bias per channel) from the diffusion step embedding concatenated with the observation
 features. Module names follow the reference code so its checkpoints map without renaming.
+
+At inference the FiLM of every step of a plan can be computed up front (``film``) and the
+steps then run on it (``forward_film``); the plain ``forward`` (training) is unchanged.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import UnetConfig
@@ -48,9 +52,9 @@ class ConditionalResidualBlock1D(nn.Module):
         self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, film_ch), _Unsqueeze())
         self.residual_conv = nn.Conv1d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
+        """x (B, C, T) modulated by film (B, film_ch, 1), the cond_encoder's output."""
         out = self.blocks[0](x)
-        film = self.cond_encoder(cond)
         if self.cond_predict_scale:
             scale, bias = film[:, :self.out_channels], film[:, self.out_channels:]
             out = scale * out + bias
@@ -109,19 +113,47 @@ class ConditionalUnet1D(nn.Module):
             Conv1dBlock(start, start, cfg.kernel_size, cfg.final_n_groups or cfg.n_groups),
             nn.Conv1d(start, action_dim, 1))
 
+    def film_blocks(self) -> list[ConditionalResidualBlock1D]:
+        """The residual blocks in execution order: the layout of film()'s last axis."""
+        down = [b for res1, res2, _ in self.down_modules for b in (res1, res2)]
+        up = [b for res1, res2, _ in self.up_modules for b in (res1, res2)]
+        return down + list(self.mid_modules) + up
+
+    def film(self, global_cond: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """FiLM of every block for each of K steps: (B, G), (K,) -> (K, B, F_total).
+
+        The same cond_encoder maths as forward, batched over the K steps of a plan: at
+        batch 1 a step is bound by weight reads, and the cond_encoders (a fifth of the
+        U-Net with 512-d image features) are then read once per plan, not once per step.
+        """
+        emb = self.diffusion_step_encoder(timesteps)  # (K, E)
+        k, b = emb.shape[0], global_cond.shape[0]
+        cond = torch.cat([emb[:, None].expand(k, b, -1), global_cond[None].expand(k, b, -1)], dim=-1)
+        cond = F.mish(cond)  # every block's cond_encoder starts with the same Mish
+        return torch.cat([blk.cond_encoder[1](cond) for blk in self.film_blocks()], dim=-1)
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int,
                 global_cond: torch.Tensor) -> torch.Tensor:
-        x = sample.transpose(1, 2)  # (B, C, T)
-        steps = broadcast_steps(timestep, x.shape[0], x.device)
+        steps = broadcast_steps(timestep, sample.shape[0], sample.device)
         cond = torch.cat([self.diffusion_step_encoder(steps), global_cond], dim=-1)
+        return self._unet(sample, [blk.cond_encoder(cond) for blk in self.film_blocks()])
+
+    def forward_film(self, sample: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
+        """One step given its row of film(): (B, T_p, action_dim), (B, F_total)."""
+        sizes = [blk.cond_encoder[1].out_features for blk in self.film_blocks()]
+        return self._unet(sample, [f.unsqueeze(-1) for f in film.split(sizes, dim=-1)])
+
+    def _unet(self, sample: torch.Tensor, films: list[torch.Tensor]) -> torch.Tensor:
+        x = sample.transpose(1, 2)  # (B, C, T)
+        films = iter(films)  # film_blocks() order
         skips = []
         for res1, res2, down in self.down_modules:
-            x = res2(res1(x, cond), cond)
+            x = res2(res1(x, next(films)), next(films))
             skips.append(x)
             x = down(x)
         for res in self.mid_modules:
-            x = res(x, cond)
+            x = res(x, next(films))
         for res1, res2, up in self.up_modules:
             x = torch.cat([x, skips.pop()], dim=1)
-            x = up(res2(res1(x, cond), cond))
+            x = up(res2(res1(x, next(films)), next(films)))
         return self.final_conv(x).transpose(1, 2)

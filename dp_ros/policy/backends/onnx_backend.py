@@ -2,11 +2,14 @@
 
 - one encoder graph per camera (uint8 frames (N, H, W, 3) -> features), so the Policy's
   per-frame feature cache works as with torch;
-- the denoiser as one step (noisy sample, timestep, frame features, raw state -> network
-  output; the state normaliser is folded in) driven by the same fused ``Sampler`` as the
-  torch backend, and, for DDIM, optionally the unrolled loop (frame features, raw state,
-  initial noise -> raw actions; both normalisers folded in). The export measures both and
-  records the faster in the manifest; the loop serves cold starts, the step warm starts.
+- the denoiser as one step (noisy sample + conditioning -> network output) driven by the
+  same fused ``Sampler`` as the torch backend. For the U-Net the conditioning is the step's
+  FiLM row, from a film graph run once per plan for the steps it visits (frame features,
+  raw state, timesteps -> FiLM; the state normaliser is folded in); for the transformer it
+  is the timestep, frame features and raw state. For DDIM, optionally the unrolled loop
+  (frame features, raw state, initial noise -> raw actions; both normalisers folded in).
+  The export measures step and loop and records the faster in the manifest; the loop
+  serves cold starts, the step warm starts.
 
 Providers are tried in the order TensorRT -> CUDA -> CPU among those the installed
 onnxruntime offers. int8 uses the dynamically quantized step graph, only if the export's
@@ -116,6 +119,9 @@ class OnnxEngine:
             raise OnnxBackendError(f"{self.dir}: the export's equality check with torch failed "
                                    f"({equality['max_abs']} > {equality['tolerance']:g})")
         self.step = make_session(self.dir / step_file, self.providers)
+        self.film = None
+        if self.manifest.get("film"):
+            self.film = make_session(self.dir / self.manifest["film"], self.providers)
         chosen = plan_graph or self.manifest.get("plan_graph", "step")
         self.loop = None
         if chosen == "loop" and precision == "fp32" and self.manifest.get("loop"):
@@ -149,10 +155,18 @@ class OnnxEngine:
             self.denoiser_calls += len(self.sampler)
             return torch.from_numpy(self.loop.run(None, feeds)[0])
 
+        if self.film is not None:  # one FiLM row per step, in the order Sampler.run visits them
+            timesteps = self.sampler.timesteps[start_index:].numpy()
+            rows = iter(self.film.run(None, {**feeds, "timesteps": timesteps})[0])
+            feeds = {}  # the step graph then takes only the sample and its FiLM row
+
         def fn(xk: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             self.denoiser_calls += 1
             feeds["sample"] = np.ascontiguousarray(xk.numpy(), dtype=np.float32)
-            feeds["timestep"] = np.asarray(t, dtype=np.int64).reshape(1)
+            if self.film is not None:
+                feeds["film"] = next(rows)
+            else:
+                feeds["timestep"] = np.asarray(t, dtype=np.int64).reshape(1)
             return torch.from_numpy(self.step.run(None, feeds)[0])
 
         naction = self.sampler.run(fn, x, start_index=start_index, generator=generator)

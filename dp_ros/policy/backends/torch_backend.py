@@ -9,6 +9,8 @@ unnormalisation) is captured once per start index into static input/output buffe
 replayed; a plan is three copies in, one replay, one copy out, instead of hundreds of
 kernel launches per denoising step. Used only for samplers that draw no noise inside the
 loop (DDIM); DDPM runs eagerly. Never measured on a GPU in this repository (see README).
+The U-Net's FiLM for the plan's steps is computed from the conditioning inside ``_eager``,
+so the graph captures it too and a replay recomputes it from the new inputs.
 """
 
 from __future__ import annotations
@@ -64,12 +66,12 @@ class TorchEngine:
         if model.cfg.head == "regression":
             naction = model.regressor(cond.to(dtype)).float()
             return model.normalizer.unnormalize("action", naction)
-        cond = cond.to(dtype)
+        net = model.plan_fn(cond.to(dtype), self.sampler.timesteps[start_index:])
 
         def fn(xk: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if count:
                 self.denoiser_calls += 1
-            return model.denoise(xk.to(dtype), t, cond).float()
+            return net(xk.to(dtype), t).float()
 
         naction = self.sampler.run(fn, x, start_index=start_index, generator=generator)
         return model.normalizer.unnormalize("action", naction)
