@@ -361,3 +361,18 @@ def test_configure_validates():
     ex.configure(max_velocity=[0.1, 0.2], crossfade_steps=3)
     np.testing.assert_array_equal(ex.limits.max_velocity, [0.1, 0.2])
     np.testing.assert_array_equal(ex.limits.upper, [2.0, 2.0])
+
+
+def test_remaining_trajectory_times_stay_distinct_in_nanoseconds_during_a_blend():
+    """Blend samples every control step land on the plan's 0.1 s knots up to rounding
+    (seen in the demo: 112.31 + 0.09 next to the knot 112.4); the message must still have
+    strictly increasing time_from_start in nanoseconds, or the controller rejects it."""
+    ex = make_executor(lead=0.02, crossfade=10, vmax=10.0, timeout=2.0)
+    ex.enable(np.zeros(2), 112.0)
+    assert ex.submit(ramp_plan(112.0, [0, 0], [0.5, 0.5]), 112.0).accepted
+    ex.remaining_trajectory(112.2)
+    assert ex.submit(ramp_plan(112.1, [0.06, 0.06], [0.4, 0.4]), 112.29).accepted
+    for now in (112.29, 112.3, 112.33):
+        pts = ex.remaining_trajectory(now)
+        ns = np.round(pts.times_from_now * NS_PER_S).astype(np.int64)
+        assert np.all(ns > 0) and np.all(np.diff(ns) > 0), pts.times_from_now

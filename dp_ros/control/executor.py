@@ -28,6 +28,7 @@ from dp_ros.control.plan import Plan, PlanRejected, validate_plan
 
 TRACKING, HOLDING, DISABLED = "tracking", "holding", "disabled"
 ACCEPTED, REJECTED, IGNORED = "accepted", "rejected", "ignored"
+MIN_POINT_GAP = 1e-6  # s between trajectory points sent to a controller
 
 
 @dataclass(frozen=True, eq=False)
@@ -327,9 +328,12 @@ class PlanExecutor:
         if self._fade is not None:  # sample the blend on the control grid while it lasts
             ts = np.union1d(ts, self._fade.start
                             + self.control_dt * np.arange(1, self.crossfade_steps + 1))
-        ts = ts[(ts > tau) & (ts < stale_end) & (ts <= self._ref.end)]
+        ts = ts[(ts > tau + MIN_POINT_GAP) & (ts < stale_end) & (ts <= self._ref.end)]
         if self._ref.end >= stale_end > tau:
             ts = np.append(ts, stale_end)
+        # blend samples land on plan knots up to rounding: two points a few ns apart
+        # become equal time_from_start in the message, which a controller rejects
+        ts = ts[np.concatenate(([True], np.diff(ts) > MIN_POINT_GAP))] if ts.size else ts
         if ts.size == 0:
             return self._remember_sent(now, hold)
         target = self._reference_at(ts)
