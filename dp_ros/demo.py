@@ -200,7 +200,7 @@ def summary_table(results: Sequence, labels: Sequence[str]) -> str:
         s = res.summary()
         lat = (f"{s['plan_latency_median_ms']:.0f} / {s['plan_latency_p99_ms']:.0f}"
                if s["plan_latency_median_ms"] is not None else "-")
-        jump = (f"{s['switch_jump_mean']:.2f} / {s['switch_jump_max']:.2f}"
+        jump = (f"{s['switch_jump_mean']:.3f} / {s['switch_jump_max']:.3f}"
                 if s["switch_jump_mean"] is not None else "-")
         rows.append(f"  {label:<{w}} {100 * s['success_rate']:7.0f}% {100 * s['left']:5.0f}% "
                     f"{100 * s['right']:5.0f}% {s['collisions']:>10d} {s['side_switches']:>8d} "
