@@ -19,7 +19,8 @@ Figures
   before the aggregator published the window; each plan's inference time and wait come
   from the policy node's diagnostics (plan_latency_last, plan_queue_wait_last, with
   plans_published identifying the plan). Split into: camera stamp -> tick, tick -> window
-  published (aggregator), window -> plan published minus inference and wait (DDS hop +
+  published (aggregator; of which the source's own delay in publishing the tick's frames,
+  from its log), window -> plan published minus inference and wait (DDS hop +
   policy node).
 - command period jitter: |period - 10 ms| between consecutive executor commands, from
   their source timestamps (and, for reference, from receive times here).
@@ -261,6 +262,7 @@ class BenchResult:
     overhead_ms: np.ndarray
     camera_to_tick_ms: np.ndarray
     aggregator_ms: np.ndarray
+    camera_publish_ms: np.ndarray  # tick -> the window's newest frames published by the source
     policy_overhead_ms: np.ndarray
     inference_ms: np.ndarray
     queue_wait_ms: np.ndarray
@@ -288,7 +290,7 @@ def analyse(rec: Recorder, frames: dict[str, list[list[int]]], t_start: int, t_e
                    and abs((pub - stamp) * 1e-9 - per_plan[i + 1 + offset][1]) <= 0.005)
     offset = max(range(6), key=consistent)
     frame_arr = {c: np.array(v, dtype=np.int64).reshape(-1, 2) for c, v in frames.items()}
-    overhead, cam_tick, agg, pol, inf, wait = [], [], [], [], [], []
+    overhead, cam_tick, agg, cam_pub, pol, inf, wait = [], [], [], [], [], [], []
     for n, (stamp, pub, _) in enumerate(plans, start=1 + offset):
         if not t_start <= pub <= t_end or n not in per_plan:
             continue
@@ -296,14 +298,15 @@ def analyse(rec: Recorder, frames: dict[str, list[list[int]]], t_start: int, t_e
         if abs((pub - stamp) * 1e-9 - age) > 0.005:
             continue  # the diagnostics entry is not this plan (a plan the recorder missed)
         window_pub = windows.get(stamp)
-        newest = None
+        newest, published = None, None  # newest frame stamp; when the last frame used went out
         for arr in frame_arr.values():
             ok = arr[:, 0] <= stamp
             if window_pub is not None:
                 ok &= arr[:, 1] < window_pub
             if ok.any():
-                s = int(arr[ok, 0].max())
-                newest = s if newest is None else max(newest, s)
+                i = int(np.argmax(np.where(ok, arr[:, 0], np.iinfo(np.int64).min)))
+                newest = int(arr[i, 0]) if newest is None else max(newest, int(arr[i, 0]))
+                published = int(arr[i, 1]) if published is None else max(published, int(arr[i, 1]))
         if newest is None:
             continue
         busy = (latency + queue_wait) * 1e3  # inference, this plan's and the one before it
@@ -313,14 +316,15 @@ def analyse(rec: Recorder, frames: dict[str, list[list[int]]], t_start: int, t_e
         wait.append(queue_wait * 1e3)
         if window_pub is not None:
             agg.append((window_pub - stamp) * 1e-6)
+            cam_pub.append((published - stamp) * 1e-6)
             pol.append((pub - window_pub) * 1e-6 - busy)
     pubs = np.array(sorted(p for p, _ in commands if t_start <= p <= t_end), dtype=np.int64)
     recvs = np.array(sorted(r for p, r in commands if t_start <= p <= t_end), dtype=np.int64)
     periods = np.diff(pubs)
     jitter = np.abs(periods - CONTROL_PERIOD_NS) * 1e-6
     jitter_recv = np.abs(np.diff(recvs) - CONTROL_PERIOD_NS) * 1e-6
-    return BenchResult(np.array(overhead), np.array(cam_tick), np.array(agg), np.array(pol),
-                       np.array(inf), np.array(wait), jitter, jitter_recv, len(pubs),
+    return BenchResult(np.array(overhead), np.array(cam_tick), np.array(agg), np.array(cam_pub),
+                       np.array(pol), np.array(inf), np.array(wait), jitter, jitter_recv, len(pubs),
                        int(np.sum(periods > 1.5 * CONTROL_PERIOD_NS)),
                        sum(1 for _, p, _ in plans if t_start <= p <= t_end),
                        (t_end - t_start) * 1e-9)
@@ -337,6 +341,7 @@ def report(r: BenchResult, load: Optional[tuple[float, float]] = None) -> str:
         row("pipeline overhead excl. inference", r.overhead_ms, TARGET_OVERHEAD_P99_MS),
         row("  camera stamp -> tick (frame age at the tick)", r.camera_to_tick_ms),
         row("  tick -> window published (aggregator)", r.aggregator_ms),
+        row("    of which the camera: tick -> frames published", r.camera_publish_ms),
         row("  window -> plan published - inference - wait", r.policy_overhead_ms),
         row("inference (policy node diagnostics)", r.inference_ms),
         row("wait for the worker (previous plan running)", r.queue_wait_ms),

@@ -1,0 +1,50 @@
+"""`dp-ros bench ros` figures from recorded events (dp_ros.bench.ros.analyse), without ROS:
+the split of the pipeline overhead and the command jitter on a hand-made timeline."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+
+from dp_ros.bench.ros import analyse, report
+
+MS = 1_000_000  # ns
+S = 10_000 * MS  # the tick stamp of the plan
+
+
+def test_overhead_is_split_into_camera_aggregator_and_policy_node():
+    rec = SimpleNamespace(
+        lock=threading.Lock(),
+        # the plan for tick S: published 55 ms after it (50 ms inference, no wait)
+        plans=[(S, S + 55 * MS, S + 56 * MS)],
+        windows={S: S + 4 * MS},  # the aggregator published the window 4 ms after the tick
+        # the policy node's snapshots (plans_published, inference, plan age, queue wait),
+        # each seen twice as the recorder would
+        diagnostics=[(1, 0.050, 0.055, 0.0)] * 2,
+        # commands every 10 ms, one 1 ms late
+        commands=[(S + t * MS, S + t * MS + 100_000) for t in (0, 10, 20, 31, 41)])
+    frames = {"cam0": [[S - 33 * MS, S - 32 * MS], [S, S + int(1.5 * MS)]],
+              "cam1": [[S, S + 2 * MS], [S + 33 * MS, S + 34 * MS]]}  # the later one: unused
+    r = analyse(rec, frames, S - 1_000 * MS, S + 1_000 * MS)
+    assert r.plans == 1 and r.commands == 5
+    np.testing.assert_allclose(r.overhead_ms, [5.0])        # 55 - 50 inference
+    np.testing.assert_allclose(r.camera_to_tick_ms, [0.0])  # frames stamped on the tick
+    np.testing.assert_allclose(r.aggregator_ms, [4.0])
+    np.testing.assert_allclose(r.camera_publish_ms, [2.0])  # the last frame went out at +2 ms
+    np.testing.assert_allclose(r.policy_overhead_ms, [1.0])  # 55 - 4 - 50
+    np.testing.assert_allclose(r.jitter_ms, [0.0, 0.0, 1.0, 0.0])
+    assert r.missed_periods == 0
+    text = report(r)
+    assert "of which the camera" in text and "pipeline overhead excl. inference" in text
+
+
+def test_a_plan_the_diagnostics_do_not_describe_is_left_out():
+    rec = SimpleNamespace(lock=threading.Lock(), plans=[(S, S + 55 * MS, S + 56 * MS)],
+                          windows={S: S + 4 * MS},
+                          diagnostics=[(1, 0.050, 0.120, 0.0)] * 2,  # another plan's age
+                          commands=[])
+    r = analyse(rec, {"cam0": [[S, S + MS]]}, S - MS, S + 1_000 * MS)
+    assert len(r.overhead_ms) == 0
+    assert report(r).count("nan") >= 2  # no samples: reported as such, not as zeros
