@@ -398,13 +398,16 @@ def test_refused_swaps_and_parameters_keep_the_old_policy(rig_factory, ckpts, of
     for params, reason in [({"latency_margin": -0.1}, "latency_margin"),
                            ({"replan_every": 8}, "replan_every"),
                            ({"policy_dir": "/"}, "read-only"),
-                           ({"seed": -2}, "seed")]:
+                           ({"seed": -2}, "seed"),
+                           ({"warm_start_steps": 1000}, "warm_start_steps")]:
         [result] = rig.set(**params)
         assert not result.successful and reason in result.reason, (params, result.reason)
     assert rig.node.get_parameter("policy_path").value == str(ckpts / "A")
     assert [r.successful for r in rig.set(latency_margin=0.05, replan_every=2)] == [True, True]
     window, stamp, msg = rig.plan_for(1)
     assert source_of(msg, window, stamp, offline) == "A" and rig.ids == ["A"]
+    assert [r.successful for r in rig.set(warm_start_steps=2)] == [True]
+    assert rig.node.runner.policy.warm_start_steps == 2  # from the next plan on
 
 
 def test_corrupt_weights_fail_the_load_not_the_set(rig_factory, ckpts, offline):

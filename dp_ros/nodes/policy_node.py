@@ -59,7 +59,6 @@ from dp_ros.nodes.window_msgs import (STATE_PART, WINDOW_QOS, WindowFormatError,
 from dp_ros.policy import CheckpointError, Policy, PolicyConfig, load_policy
 from dp_ros.policy.backends import check_backend
 from dp_ros.policy.inference import resolve_device
-from dp_ros.policy.warm_start import check_warm_start_steps
 from dp_ros.policy.runner import LatencyStats, PlanJob, PlanOutcome, PlanRunner
 from dp_ros.policy.swap import LoadOutcome, PolicyLoader, SwapError, validate_swap
 from dp_ros.nodes.run import STARTUP_ERRORS, run_node
@@ -319,8 +318,7 @@ class PolicyNode(Node):
             return
         policy = loaded.policy
         # the node's warm start, within what the new policy's sampler allows
-        steps = len(policy.sampler) if policy.config.head != "regression" else 1
-        policy.warm_start_steps = min(self._warm_start_steps, steps - 1)
+        policy.warm_start_steps = min(self._warm_start_steps, policy.max_warm_start_steps)
         with self._lock:
             self.active_path = loaded.path
             self.swap_status = "ok"
@@ -356,10 +354,7 @@ class PolicyNode(Node):
                     if int(param.value) < -1:
                         raise ValueError(f"seed must be >= -1, got {param.value}")
                 elif param.name == "warm_start_steps":
-                    if cfg.head == "regression" and int(param.value) != 0:
-                        raise ValueError("warm_start_steps must be 0 for a regression head")
-                    if cfg.head != "regression":
-                        check_warm_start_steps(int(param.value), len(self.runner.policy.sampler))
+                    self.runner.policy.check_warm_start_steps(int(param.value))
         except (SwapError, ValueError) as err:
             self.get_logger().warning(f"parameter set refused: {err}")
             return SetParametersResult(successful=False, reason=str(err))

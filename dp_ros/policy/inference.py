@@ -132,13 +132,22 @@ class Policy:
 
     @warm_start_steps.setter
     def warm_start_steps(self, value: int) -> None:
+        self._warm_start_steps = self.check_warm_start_steps(value)
+
+    @property
+    def max_warm_start_steps(self) -> int:
+        """The most denoising steps a warm start may take: fewer than the sampler's (0 for
+        a regression head: nothing to denoise)."""
+        return 0 if self.config.head == "regression" else len(self.sampler) - 1
+
+    def check_warm_start_steps(self, value: int) -> int:
+        """`value` as a valid warm_start_steps for this policy, else ValueError saying why."""
         from .warm_start import check_warm_start_steps
         if self.config.head == "regression":
             if int(value) != 0:
                 raise ValueError("warm_start_steps must be 0 for a regression head (nothing to denoise)")
-            self._warm_start_steps = 0
-            return
-        self._warm_start_steps = check_warm_start_steps(value, len(self.sampler))
+            return 0
+        return check_warm_start_steps(value, len(self.sampler))
 
     @property
     def policy_id(self) -> str:
