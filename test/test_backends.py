@@ -105,6 +105,23 @@ def test_reduced_precision_casts_the_weights_and_is_gated(cfg, model):
         assert gated.gate is not None and gated.gate.passed
 
 
+def test_the_gate_leaves_the_policy_seeded_as_asked(cfg, model, monkeypatch):
+    """The gate runs its fixed windows (reseeding the generator, filling the feature
+    cache) inside the constructor: the policy's own seed must still hold after it."""
+    import copy
+    from dp_ros.policy.backends import precision
+
+    def gate(reference, candidate, name, windows=None):
+        candidate.generator.manual_seed(precision.GATE_SEED)
+        candidate.cache.put(("gate", 0), torch.zeros(1))
+        return GateResult(name, 0.0, 0.0, precision.GATE_LIMIT, True)
+
+    monkeypatch.setattr(precision, "accuracy_gate", gate)
+    gated = Policy(cfg, copy.deepcopy(model), torch.device("cpu"), seed=7, precision="fp16")
+    assert gated.gate.passed and gated.generator.initial_seed() == 7
+    assert gated.cache.get(("gate", 0)) is None
+
+
 def test_load_policy_passes_the_backend_options(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     policy = load_policy(ckpt, device="cpu", warm_start_steps=2)
@@ -138,7 +155,8 @@ def test_policy_node_backend_parameters(ros_context, tmp_path):
         assert not refused[0].successful and "warm_start_steps" in refused[0].reason
         assert node.set_parameters([Parameter("warm_start_steps", value=0)])[0].successful
         assert node.runner.policy.warm_start_steps == 0
-        for name in ("backend", "precision"):  # fixed at start
-            assert not node.set_parameters([Parameter(name, value="fp32")])[0].successful
+        for name, value in (("backend", "onnxruntime"), ("precision", "fp16")):  # fixed at start
+            [result] = node.set_parameters([Parameter(name, value=value)])
+            assert not result.successful and "read-only" in result.reason, (name, result.reason)
     finally:
         node.destroy_node()

@@ -32,7 +32,6 @@ NAMES = ("j1", "j2")
 LOWER, UPPER = np.array([-1.0, -0.5]), np.array([1.0, 2.0])
 VMAX = np.array([0.5, 2.0])
 CTRL_DT = 0.01
-EPS = 1e-9
 START = 50.0
 
 wild_float = st.floats(allow_nan=True, allow_infinity=True)

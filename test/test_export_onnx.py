@@ -4,6 +4,8 @@ exports of other weights refused, the int8 accuracy gate enforced."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 
@@ -32,17 +34,18 @@ def exported(tmp_path_factory):
     cfg = small_config(schedule=ScheduleConfig(num_inference_steps=3))
     ckpt = make_checkpoint(root / "ckpt", cfg, torch_seed=1)
     out = root / "onnx"
-    return ckpt, out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli_main(["export", str(ckpt), "--onnx", str(out), "--int8"]) == 0
+    return ckpt, out, printed.getvalue()
 
 
 def _noise(cfg, seed):
     return np.random.default_rng(seed).standard_normal((cfg.T_p, cfg.action_dim)).astype(np.float32)
 
 
-def test_export_command_writes_the_graphs_and_prints_the_checks(exported, capsys):
-    ckpt, out = exported
-    assert cli_main(["export", str(ckpt), "--onnx", str(out), "--int8"]) == 0
-    text = capsys.readouterr().out
+def test_export_command_writes_the_graphs_and_prints_the_checks(exported):
+    ckpt, out, text = exported
     assert "onnxruntime (step) vs torch" in text and "onnxruntime (loop) vs torch" in text
     assert "int8: max |action - fp32|" in text  # the accuracy gate is printed
     manifest = json.loads((out / MANIFEST).read_text())
@@ -57,7 +60,7 @@ def test_export_command_writes_the_graphs_and_prints_the_checks(exported, capsys
 
 @pytest.mark.parametrize("graph", ["step", "loop"])
 def test_onnxruntime_backend_equals_torch(exported, graph):
-    ckpt, out = exported
+    ckpt, out, _ = exported
     ref = load_policy(ckpt, device="cpu", seed=0)
     ort = load_policy(ckpt, device="cpu", seed=0, backend="onnxruntime", onnx_dir=out,
                       plan_graph=graph)
@@ -83,7 +86,7 @@ def test_onnxruntime_backend_equals_torch(exported, graph):
 
 
 def test_warm_start_through_the_step_graph_equals_torch(exported):
-    ckpt, out = exported
+    ckpt, out, _ = exported
     ref = load_policy(ckpt, device="cpu", seed=0, warm_start_steps=2)
     ort = load_policy(ckpt, device="cpu", seed=0, warm_start_steps=2, backend="onnxruntime",
                       onnx_dir=out, plan_graph="loop")
@@ -101,7 +104,7 @@ def test_warm_start_through_the_step_graph_equals_torch(exported):
 
 
 def test_export_of_other_weights_and_failed_int8_gate_are_refused(exported, tmp_path):
-    ckpt, out = exported
+    ckpt, out, _ = exported
     other = make_checkpoint(tmp_path / "other", torch_seed=5)
     with pytest.raises(OnnxBackendError, match="other weights"):
         load_policy(other, device="cpu", backend="onnxruntime", onnx_dir=out)

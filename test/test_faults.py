@@ -556,7 +556,6 @@ def test_faults_in_one_system(ros_context, tmp_path, policy_root, monkeypatch, c
                 ("trajectory_executor", {"crossfade_steps": -3})):
             [result] = arm.set_parameters(node, **values)
             assert not result.successful and result.reason, (node, values)
-        assert arm.value(EXE, "plans_received") > 0
         tracking_again("refused parameters")
         arm.begin("end")
     finally:

@@ -231,11 +231,9 @@ def ensure_lerobot_venv(venv: Path, log=print) -> Path:
 
 
 def _python311() -> str:
-    import shutil
-    for name in ("python3.11",):
-        found = shutil.which(name)
-        if found:
-            return found
+    found = shutil.which("python3.11")
+    if found:
+        return found
     if sys.version_info[:2] == (3, 11):
         return sys.executable
     raise LeRobotError("LeRobot 0.4.4 needs Python 3.11: no python3.11 found on PATH "

@@ -494,12 +494,10 @@ def source_command(frame_log: Path, height: int = RAW_H, width: int = RAW_W,
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[0] == "source":
-        return run_source(argv[1])
     if len(argv) == 6 and argv[0] == "source":
         return run_source(argv[1], int(argv[2]), int(argv[3]), tuple(argv[4].split(",")),
                           tuple(argv[5].split(",")))
-    print("usage: python -m dp_ros.bench.ros source FRAME_LOG [H W CAMS JOINTS]  "
+    print("usage: python -m dp_ros.bench.ros source FRAME_LOG H W CAMS JOINTS  "
           "(use `dp-ros bench ros`)", file=sys.stderr)
     return 2
 

@@ -94,7 +94,6 @@ class Policy:
         self.sampler = model.noise_schedule.sampler().to(device, torch.float32)
         self.cache = FrameFeatureCache(capacity=4 * max(cfg.T_o, 1) * max(len(cfg.cameras), 1))
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed if seed is not None else torch.seed() % (2**63))
         self.warm_start_steps = warm_start_steps
         self.last_start_index = 0  # sampler step the last plan started from (0 = cold)
         self.cold_reason: Optional[str] = "warm start off"  # why the last plan started cold
@@ -109,6 +108,9 @@ class Policy:
             self.gate = accuracy_gate(reference, self, precision)
             if not self.gate.passed:
                 raise ValueError(f"precision {precision} refused by the accuracy gate: {self.gate.line()}")
+            self.cache.clear()  # the gate's windows are no observations of this robot
+        # seeded after the gate, which reseeds the generator for its fixed windows
+        self.generator.manual_seed(seed if seed is not None else torch.seed() % (2**63))
 
     def _make_engine(self, backend, precision, onnx_dir, plan_graph, cuda_graph, gate):
         if backend == "torch":

@@ -112,6 +112,8 @@ class ConditionalUnet1D(nn.Module):
         self.final_conv = nn.Sequential(
             Conv1dBlock(start, start, cfg.kernel_size, cfg.final_n_groups or cfg.n_groups),
             nn.Conv1d(start, action_dim, 1))
+        # width of each block's FiLM in film()'s last axis (split at every denoising step)
+        self.film_sizes = tuple(b.cond_encoder[1].out_features for b in self.film_blocks())
 
     def film_blocks(self) -> list[ConditionalResidualBlock1D]:
         """The residual blocks in execution order: the layout of film()'s last axis."""
@@ -140,8 +142,7 @@ class ConditionalUnet1D(nn.Module):
 
     def forward_film(self, sample: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
         """One step given its row of film(): (B, T_p, action_dim), (B, F_total)."""
-        sizes = [blk.cond_encoder[1].out_features for blk in self.film_blocks()]
-        return self._unet(sample, [f.unsqueeze(-1) for f in film.split(sizes, dim=-1)])
+        return self._unet(sample, [f.unsqueeze(-1) for f in film.split(self.film_sizes, dim=-1)])
 
     def _unet(self, sample: torch.Tensor, films: list[torch.Tensor]) -> torch.Tensor:
         x = sample.transpose(1, 2)  # (B, C, T)

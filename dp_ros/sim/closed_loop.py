@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from dp_ros.sim.task import Episode
+from dp_ros.sim.task import Episode, lateral_offset
 
 DEFAULT_PARAMS = "demo_robot.yaml"
 CLOCK_START = 100.0       # s; simulated time starts here (0 means "no clock yet" to nodes)
@@ -165,12 +165,7 @@ def switched_sides(ee: np.ndarray, episode: Episode, commit: float = COMMIT_OFFS
     ee = np.asarray(ee, dtype=float).reshape(-1, 2)
     if len(ee) == 0:
         return False
-    axis = np.asarray(episode.goal, dtype=float) - ee[0]
-    length = float(np.linalg.norm(axis))
-    if length < 1e-9:
-        return False
-    rel = ee - ee[0]
-    off = (axis[0] * rel[:, 1] - axis[1] * rel[:, 0]) / length  # > 0: left of the line
+    off = lateral_offset(ee, episode, origin=ee[0])
     beyond = np.abs(off) > commit
     if not beyond.any():
         return False

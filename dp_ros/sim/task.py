@@ -143,12 +143,14 @@ def _clearance_from_points(points: np.ndarray, episode: Episode,
     return d.min(axis=-1) - episode.obstacle_radius - geometry.link_width / 2
 
 
-def lateral_offset(point: np.ndarray, episode: Episode) -> np.ndarray:
-    """Signed distance of ``point`` (..., 2) from the start -> goal axis (through the
-    base and the goal centre); > 0 on the left."""
-    g = np.asarray(episode.goal, dtype=float)
+def lateral_offset(point: np.ndarray, episode: Episode,
+                   origin: Sequence[float] = (0.0, 0.0)) -> np.ndarray:
+    """Signed distance of ``point`` (..., 2) from the line through ``origin`` (default: the
+    arm's base) and the goal centre; > 0 on the left."""
+    o = np.asarray(origin, dtype=float)
+    g = np.asarray(episode.goal, dtype=float) - o
     axis = g / max(np.linalg.norm(g), 1e-12)
-    p = np.asarray(point, dtype=float)
+    p = np.asarray(point, dtype=float) - o
     return axis[0] * p[..., 1] - axis[1] * p[..., 0]  # p . (left normal of the axis)
 
 
