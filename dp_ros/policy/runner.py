@@ -192,7 +192,11 @@ class PlanRunner:
         actions, error = None, None
         try:
             previous = self.previous if getattr(policy, "warm_start_steps", 0) else None
-            out = seeded_predict(policy, job.window, self.seed, job.plan_stamp_ns, previous)
+            if previous is None:  # cold: the plain call, which stand-in predictors also take
+                out = seeded_predict(policy, job.window, self.seed, job.plan_stamp_ns)
+            else:
+                out = seeded_predict(policy, job.window, self.seed, job.plan_stamp_ns,
+                                     previous=previous)
             out = np.asarray(out, dtype=np.float32)
             if out.shape != (cfg.T_p, cfg.action_dim):
                 error = ("bad_output_shape", f"policy returned shape {out.shape}, "
