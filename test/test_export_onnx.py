@@ -11,13 +11,14 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from dp_ros.cli import main as cli_main  # noqa: E402
 from dp_ros.policy.backends.onnx_backend import MANIFEST, OnnxBackendError  # noqa: E402
-from dp_ros.policy.export import EQUAL_TOL, export_policy  # noqa: E402
+from dp_ros.policy.export import EQUAL_TOL, ExpMish, MatmulConv1d, export_policy  # noqa: E402
 from dp_ros.policy.inference import load_policy  # noqa: E402
 from dp_ros.policy.config import ScheduleConfig  # noqa: E402
 from dp_ros.policy.warm_start import PreviousPlan, shift_plan  # noqa: E402
@@ -139,3 +140,38 @@ def test_transformer_with_ddpm_exports_the_step_graph_equal_to_torch(tmp_path):
         ort.generator.manual_seed(s)
         obs, noise = random_obs(cfg, s), _noise(cfg, s)
         assert np.abs(ref.predict(obs, noise=noise) - ort.predict(obs, noise=noise)).max() <= TOL
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.nn.Conv1d(6, 5, 5, padding=2),
+    lambda: torch.nn.Conv1d(6, 5, 3, stride=2, padding=1),  # Downsample1d
+    lambda: torch.nn.Conv1d(6, 5, 1),  # residual 1x1
+    lambda: torch.nn.Conv1d(6, 5, 4, stride=3, padding=0, bias=False),
+    lambda: torch.nn.ConvTranspose1d(6, 5, 4, 2, 1),  # Upsample1d
+    lambda: torch.nn.ConvTranspose1d(6, 5, 3, stride=2, padding=0),
+])
+@pytest.mark.parametrize("t", [4, 7, 16])
+def test_matmul_conv_equals_the_convolution_it_replaces(make, t):
+    torch.manual_seed(t)
+    conv = make()
+    x = torch.randn(2, 6, t)
+    with torch.no_grad():
+        assert torch.allclose(MatmulConv1d(conv)(x), conv(x), atol=1e-5)
+
+
+def test_exp_mish_equals_mish_over_the_float_range():
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-1e4, 1e4, 0.0])])
+    assert torch.allclose(ExpMish()(x), torch.nn.functional.mish(x), rtol=1e-5, atol=1e-6)
+    big = torch.tensor([1e30, -1e30])
+    assert torch.equal(ExpMish()(big), torch.tensor([1e30, 0.0]))  # x * n would overflow
+
+
+def test_exported_step_graph_has_none_of_the_slow_ops(exported):
+    """The export form reached the file: convolutions as MatMuls, Mish without Softplus
+    (each several times slower per call in onnxruntime, see MatmulConv1d and ExpMish)."""
+    import onnx
+
+    _, out, _ = exported
+    ops = {n.op_type for n in onnx.load(str(out / "denoiser_step.onnx")).graph.node}
+    assert "MatMul" in ops
+    assert not ops & {"Conv", "ConvTranspose", "Softplus", "Pad", "Mish"}

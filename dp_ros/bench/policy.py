@@ -30,7 +30,7 @@ from ..policy.config import CameraConfig, EncoderConfig, PolicyConfig, Transform
 from ..policy.inference import Policy, resolve_device
 from ..policy.model import build_model
 from ..policy.normalizer import fit_stats
-from ..policy.warm_start import PreviousPlan
+from ..policy.warm_start import PreviousPlan, shift_plan
 from .machine import MachineRates, measure_machine
 
 LEROBOT_VERSION = "0.4.4"
@@ -156,12 +156,29 @@ def switch_velocity_jump(previous: PreviousPlan, actions: np.ndarray, stamp_ns: 
     return float(np.abs(v_new - v_old).max())
 
 
+def followed(obs: dict, previous: Optional[PreviousPlan], stamp_ns: int, cfg: PolicyConfig) -> dict:
+    """`obs` with its newest state where the previous plan put the robot at `stamp_ns`, on
+    the joints that are both state and action: the robot followed the plan, as on a real
+    arm, so a warm start is not refused for departing from it (``warm_start.departure``)."""
+    if previous is None:
+        return obs
+    shifted = shift_plan(previous, stamp_ns, cfg.dt, cfg.T_p)
+    shared = [(a, cfg.state_names.index(n)) for a, n in enumerate(cfg.action_names) if n in cfg.state_names]
+    if shifted is None or not shared:
+        return obs
+    state = obs["state"].copy()
+    for a, j in shared:
+        state[-1, j] = shifted[cfg.T_o - 1, a]
+    return {**obs, "state": state}
+
+
 def time_plans(policies: dict[str, Policy], cfg: PolicyConfig, iterations: int,
                progress=None, lerobot=None, encoder_ms: Optional[dict] = None,
-               jumps: Optional[dict] = None) -> dict[str, list[float]]:
+               jumps: Optional[dict] = None, cold_starts: Optional[dict] = None) -> dict[str, list[float]]:
     """Plan latencies (ms): the variants (and LeRobot) in alternation, plan by plan.
-    Warm-start variants chain each plan to their own previous one. `encoder_ms` (a dict)
-    receives the encoder's share of each plan per variant."""
+    Warm-start variants chain each plan to their own previous one, on windows whose state
+    followed it. `encoder_ms` (a dict) receives the encoder's share of each plan per
+    variant, `cold_starts` the reasons a warm-start variant planned cold after all."""
     encoder_ms = {} if encoder_ms is None else encoder_ms
     out = {k: [] for k in policies}
     if lerobot is not None:
@@ -174,15 +191,19 @@ def time_plans(policies: dict[str, Policy], cfg: PolicyConfig, iterations: int,
             if i >= warm_up:
                 out["lerobot"].append(ms)
         for label, policy in policies.items():
+            window = followed(obs, previous[label], stamp, cfg) if policy.warm_start_steps else obs
             policy.cache.clear()
             t0 = time.perf_counter()
             with torch.inference_mode():
-                policy._frame_features(obs)  # the encoder; predict then finds both frames cached
+                policy._frame_features(window)  # the encoder; predict then finds both frames cached
             t1 = time.perf_counter()
-            actions = policy.predict(obs, noise=noise, previous=previous[label], plan_stamp_ns=stamp)
+            actions = policy.predict(window, noise=noise, previous=previous[label], plan_stamp_ns=stamp)
             t2 = time.perf_counter()
             if i >= warm_up and previous[label] is not None and jumps is not None:
                 jumps.setdefault(label, []).append(switch_velocity_jump(previous[label], actions, stamp, cfg))
+            if (i >= warm_up and policy.warm_start_steps and policy.cold_reason is not None
+                    and cold_starts is not None):
+                cold_starts.setdefault(label, []).append(policy.cold_reason)
             previous[label] = PreviousPlan(actions, stamp)
             if i >= warm_up:
                 out[label].append((t2 - t0) * 1e3)
@@ -402,10 +423,11 @@ def _run(iterations, device, which, backends, precisions, variants, compare, ler
                 gates[name] = accuracy_gate(reference, p, p.precision)
         enc_ms: dict = {}
         jumps: dict = {}
+        cold: dict = {}
         try:
             with tqdm(total=iterations, desc="plans", unit="plan", leave=False) as bar:
                 lat = time_plans(policies, cfg, iterations, progress=bar.update, lerobot=lerobot,
-                                 encoder_ms=enc_ms, jumps=jumps)
+                                 encoder_ms=enc_ms, jumps=jumps, cold_starts=cold)
         finally:
             if lerobot is not None:
                 lerobot.close()
@@ -427,10 +449,13 @@ def _run(iterations, device, which, backends, precisions, variants, compare, ler
                 print(f"  {name}: {statistics.median(lat[name]) / ler:.3f} x LeRobot's median "
                       f"({ler / statistics.median(lat[name]):.1f} x faster), same run, alternated")
         if any(p.warm_start_steps for p in policies.values()):
-            print("  switch jump (open loop, consecutive plans every T_a ticks on unrelated random "
-                  "windows; velocity change at the switch, action units/s): " + "; ".join(
+            print("  switch jump (open loop, consecutive plans every T_a ticks on random windows, "
+                  "warm starts' state on their previous plan; velocity change at the switch, action units/s): " + "; ".join(
                       f"{name} mean {np.nanmean(v):.2f} max {np.nanmax(v):.2f}"
                       for name, v in jumps.items() if v))
+        for name, reasons in cold.items():
+            print(f"  {name}: {len(reasons)} of {iterations} plans started cold after all "
+                  f"(first reason: {reasons[0]}); its row mixes warm and cold plans")
         for name, g in gates.items():
             print(f"  accuracy ({name}): {g.line().strip()}")
     print("\nof bound = machine bound / median latency (1.0 = at the bound); the bound is "

@@ -1,0 +1,43 @@
+"""`dp-ros bench policy` measures what its rows say: a warm-start row times warm plans (the
+robot follows each plan, so ``warm_start.departure`` does not turn them cold), and a row
+whose plans fell back to cold ones says so."""
+
+from __future__ import annotations
+
+import torch
+
+from dp_ros.bench import policy as bench
+from dp_ros.policy.config import ScheduleConfig
+from dp_ros.policy.inference import Policy
+from dp_ros.policy.model import build_model
+from helpers_policy import small_config
+
+
+def _policies(cfg, **warm_steps):
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    return {label: Policy(cfg, model, torch.device("cpu"), seed=0, warm_start_steps=w)
+            for label, w in warm_steps.items()}
+
+
+def test_warm_start_rows_time_warm_plans_and_cold_rows_cold_ones():
+    cfg = small_config(schedule=ScheduleConfig(num_inference_steps=5))
+    policies = _policies(cfg, cold=0, warm=2)
+    cold_starts: dict = {}
+    latency = bench.time_plans(policies, cfg, iterations=4, cold_starts=cold_starts)
+    assert {k: len(v) for k, v in latency.items()} == {"cold": 4, "warm": 4}
+    assert cold_starts == {}  # no warm-start plan fell back to a cold one
+    # 3 warm-up plans + 4 timed; the warm row's first plan has nothing to continue
+    assert policies["cold"].engine.denoiser_calls == 7 * 5
+    assert policies["warm"].engine.denoiser_calls == 5 + 6 * 2
+
+
+def test_cold_fallbacks_of_a_warm_row_are_reported(monkeypatch):
+    cfg = small_config(schedule=ScheduleConfig(num_inference_steps=5))
+    policies = _policies(cfg, warm=2)
+    # a robot that ends far from every plan: each plan departs from the previous one
+    monkeypatch.setattr(bench, "followed", lambda obs, *_: {**obs, "state": obs["state"] + 100.0})
+    cold_starts: dict = {}
+    bench.time_plans(policies, cfg, iterations=2, cold_starts=cold_starts)
+    assert len(cold_starts["warm"]) == 2
+    assert all("away from the previous plan" in reason for reason in cold_starts["warm"])
