@@ -98,14 +98,15 @@ class MatmulConv1d(nn.Module):
 
     def im2col(self, t_in: int) -> Optional[torch.Tensor]:
         """(T_out * k, T_in) 0/1 matrix: row s * k + i picks the input step that tap i of
-        output step s reads (an all-zero row where it reads padding); None for a 1x1 conv."""
+        output step s reads (an all-zero row where it reads padding); None for a 1x1 conv.
+        Built in numpy: torch ops here would be traced into the graph, thousands of them."""
         if t_in not in self._im2col:
             k, st, p = self.k, self.stride, self.pad
             if not self.transposed and k == 1 and st == 1 and p == 0:
                 self._im2col[t_in] = None
                 return None
             t_out = (t_in - 1) * st - 2 * p + k if self.transposed else (t_in + 2 * p - k) // st + 1
-            m = torch.zeros(t_out * k, t_in)
+            m = np.zeros((t_out * k, t_in), np.float32)
             for s in range(t_out):
                 for i in range(k):
                     if self.transposed:  # output s = t * stride - pad + i
@@ -116,7 +117,7 @@ class MatmulConv1d(nn.Module):
                         t = s * st - p + i
                     if 0 <= t < t_in:
                         m[s * k + i, t] = 1.0
-            self._im2col[t_in] = m
+            self._im2col[t_in] = torch.from_numpy(m)
         return self._im2col[t_in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) -> (B, O, T_out)
