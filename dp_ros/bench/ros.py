@@ -44,6 +44,7 @@ from typing import Optional
 import numpy as np
 
 from dp_ros import bringup
+from dp_ros.bench.cpu_time import read_cpu_times
 
 CAMERAS = ("cam0", "cam1")
 JOINTS = ("shoulder_pan_joint", "shoulder_lift_joint", "elbow_joint", "wrist_1_joint",
@@ -330,7 +331,8 @@ def analyse(rec: Recorder, frames: dict[str, list[list[int]]], t_start: int, t_e
                        (t_end - t_start) * 1e-9)
 
 
-def report(r: BenchResult, load: Optional[tuple[float, float]] = None) -> str:
+def report(r: BenchResult, load: Optional[tuple[float, float]] = None,
+           cpu: Optional[tuple[float, float]] = None) -> str:
     def row(label, values, target=None):
         p50, p99 = percentiles(values)
         tail = f"   target p99 <= {target:g} ms" if target is not None else ""
@@ -352,6 +354,10 @@ def report(r: BenchResult, load: Optional[tuple[float, float]] = None) -> str:
     if load is not None:
         lines.append(f"  load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
                      f"on {os.cpu_count()} CPUs (other work on the machine skews the figures)")
+    if cpu is not None:
+        lines.append(f"  CPU time while measuring: busy {cpu[0]:.0%}, stolen by the hypervisor "
+                     f"{cpu[1]:.0%} (a vCPU taken away for milliseconds shows in every p99 "
+                     "here, whatever the priority)")
     return "\n".join(lines)
 
 
@@ -465,10 +471,12 @@ def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
                 pipe.wait(lambda: len(rec.plans) >= 5, 180.0, "plans")
                 print(f"warming up {warmup:g} s, then measuring {seconds:g} s ...", flush=True)
                 time.sleep(warmup)
+                cpu_start = read_cpu_times()
                 t_start = time.time_ns()  # measurement window on the system clock = the stamps'
                 pipe.wait(lambda: time.time_ns() - t_start >= seconds * 1e9, seconds + 30,
                           "the measurement")
                 t_end = time.time_ns()
+                cpu_end = read_cpu_times()
         except RuntimeError as err:
             print(f"bench ros: {err}", file=sys.stderr)
             return 1
@@ -477,7 +485,8 @@ def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
             print("bench ros: the source wrote no frame log", file=sys.stderr)
             return 1
         result = analyse(rec, frames, t_start, t_end)
-        print(report(result, (load_before, os.getloadavg()[0])))
+        cpu = cpu_end.share_since(cpu_start) if cpu_start and cpu_end else None
+        print(report(result, (load_before, os.getloadavg()[0]), cpu))
         status = rec.executor_status
         if status:
             print(f"  executor: {status.get('status')}, plans accepted "
