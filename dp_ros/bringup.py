@@ -32,6 +32,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
+from dp_ros.sched import freeze_heap
+
 PACKAGE = "dp_ros"
 WILDCARD = "/**"  # a parameter-file section that applies to every node
 STOP_GRACE = 10.0  # s a child gets after the forwarded signal (policy_node finishes a plan)
@@ -409,6 +411,7 @@ def run_single_process(specs: Sequence[NodeSpec], params_file: str | os.PathLike
             executor = make_executor()
             for node in nodes:
                 executor.add_node(node)
+            freeze_heap()
             _report(f"running {', '.join(n.get_name() for n in nodes)} in one process "
                     f"(pid {os.getpid()})")
             try:

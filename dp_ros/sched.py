@@ -10,10 +10,14 @@ Linux applies the policy to the calling thread, and threads inherit it from the 
 that starts them, so threads doing heavy work (inference, loading) drop back to normal
 priority at their start with ``ensure_normal_priority``: a real-time inference thread could
 starve the whole machine.
+
+The garbage collector pauses every thread of a process, real-time or not: ``freeze_heap``
+keeps it from rescanning what start-up built.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Optional
 
@@ -43,3 +47,14 @@ def ensure_normal_priority() -> None:
         return
     if os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR):
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+def freeze_heap() -> None:
+    """Collect once, then exclude every object that exists now from later collections.
+
+    Call once a node is built. A full collection otherwise rescans everything the imports
+    and the node created (rclpy, numpy, torch: some 37k objects, 30-40 ms a pass on the
+    development machine) and stops the control loop for that long whenever the allocation
+    churn of 500 Hz joint states triggers one. Objects made later are still collected."""
+    gc.collect()
+    gc.freeze()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
+import weakref
 
 import numpy as np
 import pytest
 
 from dp_ros.policy.runner import PlanJob, PlanRunner
 from dp_ros.policy.swap import PolicyLoader
-from dp_ros.sched import ensure_normal_priority, request_realtime
+from dp_ros.sched import ensure_normal_priority, freeze_heap, request_realtime
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="Linux only")
 
@@ -131,3 +133,21 @@ def test_executor_node_parameter_applies_realtime_or_warns(ros_context, monkeypa
     # without permission: a warning, normal scheduling, the node runs
     monkeypatch.setattr(realtime, "request_realtime", lambda p: "not permitted: test")
     assert in_thread(lambda: body(7)) == (0, os.SCHED_OTHER)
+
+
+def test_freeze_heap_collects_garbage_first_then_keeps_objects_out_of_later_passes():
+    class Node:
+        pass
+    cycle = Node()
+    cycle.me = cycle  # garbage only a collection frees
+    dead = weakref.ref(cycle)
+    kept = Node()
+    del cycle
+    try:
+        freeze_heap()
+        assert dead() is None  # collected before freezing, not frozen for good
+        assert gc.get_freeze_count() > 0
+        # a kept object is now outside every generation a collection scans
+        assert not any(o is kept for o in gc.get_objects())
+    finally:
+        gc.unfreeze()

@@ -56,6 +56,11 @@ CONTROL_PERIOD_NS = 10_000_000      # executor at 100 Hz
 COMMAND_TOPIC = "/bench/commands"
 TARGET_OVERHEAD_P99_MS = 5.0
 TARGET_JITTER_P99_MS = 1.0
+AGGREGATOR_PRIORITY_BELOW = 10  # the control loop comes first
+
+
+def aggregator_priority(executor_priority: int) -> int:
+    return max(executor_priority - AGGREGATOR_PRIORITY_BELOW, 1) if executor_priority > 0 else 0
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -89,6 +94,9 @@ def write_bench_policy(directory: Path) -> Path:
 
 
 def bench_parameters(policy_path: Path, device: str, realtime_priority: int = 0) -> dict:
+    """The nodes' parameters; with `realtime_priority` the executor runs at it and the
+    aggregator AGGREGATOR_PRIORITY_BELOW lower, as in config/real_arm_template.yaml: at one
+    priority the aggregator's image work, never preempted, held up the control loop."""
     return {
         "obs_aggregator": {"ros__parameters": {
             "camera_names": list(CAMERAS),
@@ -97,7 +105,7 @@ def bench_parameters(policy_path: Path, device: str, realtime_priority: int = 0)
             "joint_states_topic": "/bench/joint_states", "state_joint_names": list(JOINTS),
             "rate_hz": 10.0, "T_o": 2, "camera_staleness": 0.1, "state_staleness": 0.02,
             "tick_delay": 0.01,  # built as soon as the frame stamped on the tick is in
-            "realtime_priority": realtime_priority}},
+            "realtime_priority": aggregator_priority(realtime_priority)}},
         "policy_node": {"ros__parameters": {
             "policy_path": str(policy_path), "device": device, "joint_names": list(JOINTS),
             "replan_every": 2, "diagnostics_period": 0.02}},
@@ -454,8 +462,8 @@ def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
         domain_id: Optional[int] = None, realtime_priority: int = 0) -> int:
     with tempfile.TemporaryDirectory(prefix="dp_ros_bench_") as tmp:
         tmp_path = Path(tmp)
-        rt = (f"aggregator and executor at SCHED_FIFO {realtime_priority}" if realtime_priority
-              else "normal scheduling")
+        rt = (f"executor at SCHED_FIFO {realtime_priority}, aggregator at "
+              f"{aggregator_priority(realtime_priority)}" if realtime_priority else "normal scheduling")
         print(f"bench ros: policy on {device}, {rt}; writing a small 2-camera policy ...",
               flush=True)
         policy = write_bench_policy(tmp_path / "policy")

@@ -20,6 +20,8 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
+from dp_ros.sched import freeze_heap
+
 STARTUP_ERRORS: tuple[type[BaseException], ...] = (ValueError, ParameterException)
 
 
@@ -52,6 +54,7 @@ def run_node(make_node: Callable[[], Node], name: str, args: Optional[list[str]]
             return 1
         executor = process_executor()
         executor.add_node(node)
+        freeze_heap()
         while not stop.is_set() and rclpy.ok() and not (until is not None and until(node)):
             executor.spin_once(timeout_sec=0.1)
         if callable(getattr(node, "stop", None)):
