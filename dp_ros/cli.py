@@ -289,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="policy: torch/onnxruntime threads "
                    "(default: torch's)")
     p.add_argument("--realtime-priority", type=int, default=0, metavar="N",
-                   help="ros: run the executor under SCHED_FIFO priority N and the aggregator "
-                        "10 below (their realtime_priority parameter; needs CAP_SYS_NICE or rtprio)")
+                   help="ros: run the executor under SCHED_FIFO priority N and the "
+                        "aggregator 10 below (their realtime_priority parameter; needs "
+                        "CAP_SYS_NICE or rtprio)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("import", help="convert a LeRobot or diffusion_policy checkpoint into a "

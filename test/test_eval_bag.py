@@ -8,9 +8,9 @@ messages rewritten byte for byte with BagWriter.
 Good vs bad policy: the "good" policy is a tiny state-only diffusion policy trained
 briefly (600 steps; at 300 its MAE was 0.31-0.41 in three runs and once, in CI, over
 the test's 0.6 limit; at 600, 0.09-0.12) on the dataset built from that very bag
-(dp_ros.data.from_bags + dp_ros.policy.train), so it fits the recorded actions; the "bad" one has the same
-architecture and the same normaliser but untrained (random) weights. The metric must
-rank them far apart.
+(dp_ros.data.from_bags + dp_ros.policy.train), so it fits the recorded actions; the "bad"
+one has the same architecture and the same normaliser but untrained (random) weights. The
+metric must rank them far apart.
 """
 
 from __future__ import annotations

@@ -163,7 +163,8 @@ def followed(obs: dict, previous: Optional[PreviousPlan], stamp_ns: int, cfg: Po
     if previous is None:
         return obs
     shifted = shift_plan(previous, stamp_ns, cfg.dt, cfg.T_p)
-    shared = [(a, cfg.state_names.index(n)) for a, n in enumerate(cfg.action_names) if n in cfg.state_names]
+    shared = [(a, cfg.state_names.index(n)) for a, n in enumerate(cfg.action_names)
+              if n in cfg.state_names]
     if shifted is None or not shared:
         return obs
     state = obs["state"].copy()
@@ -174,7 +175,8 @@ def followed(obs: dict, previous: Optional[PreviousPlan], stamp_ns: int, cfg: Po
 
 def time_plans(policies: dict[str, Policy], cfg: PolicyConfig, iterations: int,
                progress=None, lerobot=None, encoder_ms: Optional[dict] = None,
-               jumps: Optional[dict] = None, cold_starts: Optional[dict] = None) -> dict[str, list[float]]:
+               jumps: Optional[dict] = None,
+               cold_starts: Optional[dict] = None) -> dict[str, list[float]]:
     """Plan latencies (ms): the variants (and LeRobot) in alternation, plan by plan.
     Warm-start variants chain each plan to their own previous one, on windows whose state
     followed it. `encoder_ms` (a dict) receives the encoder's share of each plan per
@@ -197,7 +199,8 @@ def time_plans(policies: dict[str, Policy], cfg: PolicyConfig, iterations: int,
             with torch.inference_mode():
                 policy._frame_features(window)  # the encoder; predict then finds both frames cached
             t1 = time.perf_counter()
-            actions = policy.predict(window, noise=noise, previous=previous[label], plan_stamp_ns=stamp)
+            actions = policy.predict(window, noise=noise, previous=previous[label],
+                                     plan_stamp_ns=stamp)
             t2 = time.perf_counter()
             if i >= warm_up and previous[label] is not None and jumps is not None:
                 jumps.setdefault(label, []).append(switch_velocity_jump(previous[label], actions, stamp, cfg))
@@ -450,7 +453,8 @@ def _run(iterations, device, which, backends, precisions, variants, compare, ler
                       f"({ler / statistics.median(lat[name]):.1f} x faster), same run, alternated")
         if any(p.warm_start_steps for p in policies.values()):
             print("  switch jump (open loop, consecutive plans every T_a ticks on random windows, "
-                  "warm starts' state on their previous plan; velocity change at the switch, action units/s): " + "; ".join(
+                  "warm starts' state on their previous plan; velocity change at the switch, "
+                  "action units/s): " + "; ".join(
                       f"{name} mean {np.nanmean(v):.2f} max {np.nanmax(v):.2f}"
                       for name, v in jumps.items() if v))
         for name, reasons in cold.items():

@@ -462,8 +462,10 @@ def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
         domain_id: Optional[int] = None, realtime_priority: int = 0) -> int:
     with tempfile.TemporaryDirectory(prefix="dp_ros_bench_") as tmp:
         tmp_path = Path(tmp)
-        rt = (f"executor at SCHED_FIFO {realtime_priority}, aggregator at "
-              f"{aggregator_priority(realtime_priority)}" if realtime_priority else "normal scheduling")
+        rt = "normal scheduling"
+        if realtime_priority:
+            rt = (f"executor at SCHED_FIFO {realtime_priority}, aggregator at "
+                  f"{aggregator_priority(realtime_priority)}")
         print(f"bench ros: policy on {device}, {rt}; writing a small 2-camera policy ...",
               flush=True)
         policy = write_bench_policy(tmp_path / "policy")
