@@ -30,7 +30,7 @@ from ..policy.config import CameraConfig, EncoderConfig, PolicyConfig, Transform
 from ..policy.inference import Policy, resolve_device
 from ..policy.model import build_model
 from ..policy.normalizer import fit_stats
-from ..policy.warm_start import PreviousPlan, shift_plan
+from ..policy.warm_start import PreviousPlan, shared_joints, shift_plan
 from .machine import MachineRates, measure_machine
 
 LEROBOT_VERSION = "0.4.4"
@@ -163,8 +163,7 @@ def followed(obs: dict, previous: Optional[PreviousPlan], stamp_ns: int, cfg: Po
     if previous is None:
         return obs
     shifted = shift_plan(previous, stamp_ns, cfg.dt, cfg.T_p)
-    shared = [(a, cfg.state_names.index(n)) for a, n in enumerate(cfg.action_names)
-              if n in cfg.state_names]
+    shared = shared_joints(cfg.state_names, cfg.action_names)
     if shifted is None or not shared:
         return obs
     state = obs["state"].copy()

@@ -94,17 +94,17 @@ class MatmulConv1d(nn.Module):
         self.weight = nn.Parameter(w.permute(2, 1, 0).reshape(k * in_ch, out_ch).contiguous(),
                                    requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
-        self._im2col: dict[int, Optional[torch.Tensor]] = {}
+        self.pointwise = not self.transposed and k == 1 and self.stride == 1 and self.pad == 0
+        self._im2col: dict[int, torch.Tensor] = {}
 
     def im2col(self, t_in: int) -> Optional[torch.Tensor]:
         """(T_out * k, T_in) 0/1 matrix: row s * k + i picks the input step that tap i of
         output step s reads (an all-zero row where it reads padding); None for a 1x1 conv.
         Built in numpy: torch ops here would be traced into the graph, thousands of them."""
+        if self.pointwise:
+            return None
         if t_in not in self._im2col:
             k, st, p = self.k, self.stride, self.pad
-            if not self.transposed and k == 1 and st == 1 and p == 0:
-                self._im2col[t_in] = None
-                return None
             t_out = (t_in - 1) * st - 2 * p + k if self.transposed else (t_in + 2 * p - k) // st + 1
             m = np.zeros((t_out * k, t_in), np.float32)
             for s in range(t_out):

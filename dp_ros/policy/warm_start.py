@@ -59,6 +59,13 @@ def shift_plan(previous: PreviousPlan, stamp_ns: int, dt: float, T_p: int) -> Op
     return out.astype(np.float32)
 
 
+def shared_joints(state_names: Sequence[str], action_names: Sequence[str]) -> list[tuple[int, int]]:
+    """(action index, state index) of each dimension named in both: where a position
+    action can be compared with the observed state."""
+    index = {name: i for i, name in enumerate(state_names)}
+    return [(a, index[name]) for a, name in enumerate(action_names) if name in index]
+
+
 def departure(shifted: np.ndarray, state_now: np.ndarray, state_names: Sequence[str],
               action_names: Sequence[str], action_range: np.ndarray, T_o: int,
               tolerance: float = FOLLOW_TOLERANCE) -> Optional[str]:
@@ -67,8 +74,7 @@ def departure(shifted: np.ndarray, state_now: np.ndarray, state_names: Sequence[
     `shifted` is ``shift_plan``'s output (index T_o - 1 is the action for the new stamp),
     `state_now` the newest observed state. Only dimensions named in both state and action
     are compared: an end-effector action against joint states cannot be checked here."""
-    index = {name: i for i, name in enumerate(state_names)}
-    shared = [(a, index[name]) for a, name in enumerate(action_names) if name in index]
+    shared = shared_joints(state_names, action_names)
     if not shared:
         return None
     a_idx, s_idx = (np.array(ix) for ix in zip(*shared))
