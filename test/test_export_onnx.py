@@ -17,9 +17,12 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from dp_ros.cli import main as cli_main  # noqa: E402
-from dp_ros.policy.backends.onnx_backend import MANIFEST, OnnxBackendError  # noqa: E402
-from dp_ros.policy.export import EQUAL_TOL, ExpMish, MatmulConv1d, export_policy  # noqa: E402
+from dp_ros.policy.backends.onnx_backend import FORMAT, MANIFEST, OnnxBackendError  # noqa: E402
+from dp_ros.policy.export import (  # noqa: E402
+    EQUAL_TOL, ExpMish, MatmulConv1d, MatmulConv2d, cached_onnx_dir, export_form, export_policy,
+    model_digest)
 from dp_ros.policy.inference import load_policy  # noqa: E402
+from dp_ros.policy.model import build_model  # noqa: E402
 from dp_ros.policy.config import ScheduleConfig  # noqa: E402
 from dp_ros.policy.warm_start import PreviousPlan, shift_plan  # noqa: E402
 from helpers_policy import make_checkpoint, random_obs, small_config  # noqa: E402
@@ -122,6 +125,30 @@ def test_export_of_other_weights_and_failed_int8_gate_are_refused(exported, tmp_
     assert q.precision == "int8" and q.predict(random_obs(q.config, 0)).shape == (8, 2)
 
 
+def test_older_export_formats_are_served_or_refused_and_the_cache_exports_again(exported, tmp_path):
+    """/2 has the inputs and outputs of the current format (only its encoder graph is
+    slower): it is served. /1 is refused with the fix. The user cache re-exports a /2."""
+    ckpt, out, _ = exported
+    copy = tmp_path / "onnx_copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    assert manifest["format"] == FORMAT
+    for old, served in (("dp_ros-onnx/2", True), ("dp_ros-onnx/1", False)):
+        (copy / MANIFEST).write_text(json.dumps({**manifest, "format": old}))
+        if served:
+            p = load_policy(ckpt, device="cpu", backend="onnxruntime", onnx_dir=copy)
+            assert p.predict(random_obs(p.config, 0)).shape == (8, 2)
+        else:
+            with pytest.raises(OnnxBackendError, match="export again"):
+                load_policy(ckpt, device="cpu", backend="onnxruntime", onnx_dir=copy)
+    policy = load_policy(ckpt, device="cpu")
+    cache = tmp_path / "cache" / model_digest(policy.model)
+    shutil.copytree(out, cache)
+    (cache / MANIFEST).write_text(json.dumps({**manifest, "format": "dp_ros-onnx/2"}))
+    assert cached_onnx_dir(policy, root=cache.parent) == cache
+    assert json.loads((cache / MANIFEST).read_text())["format"] == FORMAT
+
+
 def test_transformer_with_ddpm_exports_the_step_graph_equal_to_torch(tmp_path):
     """The transformer denoiser, and a DDPM sampler: it draws noise inside the loop, so only
     the step graph is exported, and the same generator gives the same draws."""
@@ -159,6 +186,41 @@ def test_matmul_conv_equals_the_convolution_it_replaces(make, t):
         assert torch.allclose(MatmulConv1d(conv)(x), conv(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: torch.nn.Conv2d(6, 64, 3, padding=1, bias=False),  # ResNet 3x3
+    lambda: torch.nn.Conv2d(6, 64, 3, stride=2, padding=1),  # first conv of a stage
+    lambda: torch.nn.Conv2d(6, 64, 1, stride=2, bias=False),  # downsample 1x1
+    lambda: torch.nn.Conv2d(6, 64, (2, 3), stride=(1, 2), padding=(0, 1)),
+])
+@pytest.mark.parametrize("hw", [(3, 3), (4, 5), (6, 6), (11, 11)])
+def test_matmul_conv2d_equals_the_convolution_it_replaces(make, hw):
+    """(11, 11) is over the im2col cost limit for 64 channels: the Conv itself runs."""
+    torch.manual_seed(hw[0])
+    conv = make()
+    x = torch.randn(2, 6, *hw)
+    mm = MatmulConv2d(conv)
+    with torch.no_grad():
+        assert torch.allclose(mm(x), conv(x), atol=1e-5)
+    assert bool(mm._im2col) == (hw[0] * hw[1] <= MatmulConv2d.IM2COL_MAX_COST * 64)
+
+
+def test_export_form_converts_the_deep_encoder_layers_only():
+    """Which encoder convolutions run as MatMuls depends on the map they see: the paper
+    CNN's 84x84 crop leaves 6x6 maps in layer3 and 3x3 in layer4."""
+    from dp_ros.bench.policy import paper_cnn_config
+
+    cfg = paper_cnn_config()
+    torch.manual_seed(0)
+    model = export_form(build_model(cfg).eval())
+    cam = cfg.cameras[0]
+    with torch.no_grad():
+        model.obs_encoder.encode_camera(cam.name, torch.zeros((1, cam.height, cam.width, 3), dtype=torch.uint8))
+    as_matmul = {n for n, m in model.obs_encoder.named_modules()
+                 if isinstance(m, MatmulConv2d) and m._im2col}
+    assert as_matmul and all(".layer3." in n or ".layer4." in n for n in as_matmul), as_matmul
+    assert any(".layer4." in n and n.endswith("conv1") for n in as_matmul)
+
+
 def test_exp_mish_equals_mish_over_the_float_range():
     x = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-1e4, 1e4, 0.0])])
     assert torch.allclose(ExpMish()(x), torch.nn.functional.mish(x), rtol=1e-5, atol=1e-6)
@@ -177,3 +239,39 @@ def test_exported_step_graph_has_none_of_the_slow_ops(exported):
     assert "MatMul" in ops
     slow = {"Conv", "ConvTranspose", "Softplus", "Pad", "Mish", "Where", "ConstantOfShape"}
     assert not ops & slow
+
+
+def test_exported_step_graph_broadcasts_no_column(exported):
+    """No Mul or Add in a step stretches a (C, 1) operand over the time axis: onnxruntime
+    does that one row at a time (ExpandedGroupNorm, ConditionalUnet1D.repeat_film)."""
+    import onnx
+
+    _, out, _ = exported
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(out / "denoiser_step.onnx"))).graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    for v in [*graph.value_info, *graph.input]:
+        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None
+                          for d in v.type.tensor_type.shape.dim]
+    checked = 0
+    for node in (n for n in graph.node if n.op_type in ("Mul", "Add")):
+        a, b = (shapes.get(i) for i in node.input)
+        assert a is not None and b is not None and None not in a + b, (node.name, a, b)
+        if len(a) > 1 and len(b) > 1:
+            checked += 1
+            assert (a[-1] == 1) == (b[-1] == 1), (node.name, a, b)
+    assert checked >= 10
+
+
+def test_repeated_film_gives_the_same_denoising_step():
+    cfg = small_config()
+    torch.manual_seed(0)
+    unet = build_model(cfg).eval().denoiser
+    cond_dim = unet.film_blocks()[0].cond_encoder[1].in_features - unet.diffusion_step_encoder[-1].out_features
+    cond, steps = torch.randn(1, cond_dim), torch.tensor([3, 1])
+    x = torch.randn(1, cfg.T_p, cfg.action_dim)
+    with torch.no_grad():
+        plain = unet.forward_film(x, unet.film(cond, steps)[1])
+        unet.repeat_film(cfg.T_p)
+        film = unet.film(cond, steps)
+        assert film.shape[-1] == sum(c * n for c, n in zip(unet.film_sizes, unet.film_repeats))
+        assert torch.allclose(unet.forward_film(x, film[1]), plain, atol=1e-6)

@@ -21,6 +21,15 @@ class MachineRates:
     def bound_seconds(self, flops: float, bytes_read: float) -> float:
         return max(flops / self.matmul_flops, bytes_read / self.read_bytes)
 
+    def best(self, other: "MachineRates") -> "MachineRates":
+        """The faster of two measurements of each rate. A bound must not be loosened by a
+        measurement a neighbour slowed (on this VM one read 13 GB/s against 22 the next)."""
+        return MachineRates(max(self.matmul_flops, other.matmul_flops),
+                            max(self.read_bytes, other.read_bytes))
+
+    def line(self) -> str:
+        return f"matmul {self.matmul_flops / 1e9:.0f} GFLOP/s fp32, memory read {self.read_bytes / 1e9:.1f} GB/s"
+
 
 def _best_time(fn, repeats: int) -> float:
     fn()

@@ -4,7 +4,11 @@ per backend (torch, onnxruntime), precision, warm start, and against LeRobot.
 A plan here encodes both frames of its window (plans every T_a ticks share no frame with
 the previous window, so the feature cache does not help), then denoises. The bound of a
 plan is max(FLOPs / measured matmul rate, weight bytes / measured read bandwidth) for a
-cold fp32 plan; reduced precision and warm start are reported against that same bound.
+cold fp32 plan, with the rates measured before and after the timing (the faster of each);
+reduced precision and warm start are reported against that same bound.
+
+The variants (and LeRobot) take turns in blocks of plans (time_plans), so that drift of
+the machine hits all alike, and no timed plan follows another runtime's plan.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from ..policy.normalizer import fit_stats
 from ..policy.warm_start import PreviousPlan, shared_joints, shift_plan
 from .machine import MachineRates, measure_machine
 
+BLOCK = 5    # plans a variant runs in a row before the next one's turn
+WARM_UP = 3  # a variant's first plans, not timed
 LEROBOT_VERSION = "0.4.4"
 LEROBOT_PINS = [f"lerobot=={LEROBOT_VERSION}", "torch==2.9.1", "torchvision==0.24.1"]
 EQUAL_TOL = 1e-4
@@ -174,44 +180,62 @@ def followed(obs: dict, previous: Optional[PreviousPlan], stamp_ns: int, cfg: Po
 
 def time_plans(policies: dict[str, Policy], cfg: PolicyConfig, iterations: int,
                progress=None, lerobot=None, encoder_ms: Optional[dict] = None,
-               jumps: Optional[dict] = None,
-               cold_starts: Optional[dict] = None) -> dict[str, list[float]]:
-    """Plan latencies (ms): the variants (and LeRobot) in alternation, plan by plan.
-    Warm-start variants chain each plan to their own previous one, on windows whose state
-    followed it. `encoder_ms` (a dict) receives the encoder's share of each plan per
-    variant, `cold_starts` the reasons a warm-start variant planned cold after all."""
+               jumps: Optional[dict] = None, cold_starts: Optional[dict] = None,
+               block: int = BLOCK) -> dict[str, list[float]]:
+    """Plan latencies (ms) of the variants (and LeRobot): `iterations` each, timed in
+    blocks of `block` consecutive plans, the variants taking turns block by block. All walk
+    the same windows in order; warm-start variants chain each plan to their own previous
+    one, on windows whose state followed it. Each variant's first WARM_UP plans, and the
+    first plan of each later block, are not timed: right after another runtime's plan a
+    plan ran up to 45 % slower (LeRobot 398 against 275 ms, plan by plan in alternation),
+    which a deployment running one policy never sees; taking turns still spreads drift of
+    the machine over all variants alike. `encoder_ms` (a dict) receives the encoder's
+    share of each timed plan per variant, `cold_starts` the reasons a warm-start variant
+    planned cold after all."""
     encoder_ms = {} if encoder_ms is None else encoder_ms
-    out = {k: [] for k in policies}
-    if lerobot is not None:
-        out["lerobot"] = []
-    previous: dict[str, Optional[PreviousPlan]] = {k: None for k in policies}
-    warm_up = 3
-    for i, (obs, noise, stamp) in enumerate(_windows(cfg, iterations + warm_up, seed=2)):
-        if lerobot is not None:
+    labels = list(policies) + (["lerobot"] if lerobot is not None else [])
+    out: dict[str, list[float]] = {k: [] for k in labels}
+    windows = list(_windows(cfg, WARM_UP + iterations + -(-iterations // block), seed=2))
+    position = dict.fromkeys(labels, 0)
+    previous: dict[str, Optional[PreviousPlan]] = dict.fromkeys(policies)
+
+    def plan(label: str, timed: bool) -> None:
+        obs, noise, stamp = windows[position[label]]
+        position[label] += 1
+        if label == "lerobot":
             ms = lerobot.plan(obs, noise)[1]
-            if i >= warm_up:
-                out["lerobot"].append(ms)
-        for label, policy in policies.items():
-            window = followed(obs, previous[label], stamp, cfg) if policy.warm_start_steps else obs
-            policy.cache.clear()
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                policy._frame_features(window)  # the encoder; predict then finds both frames cached
-            t1 = time.perf_counter()
-            actions = policy.predict(window, noise=noise, previous=previous[label],
-                                     plan_stamp_ns=stamp)
-            t2 = time.perf_counter()
-            if i >= warm_up and previous[label] is not None and jumps is not None:
+            if timed:
+                out[label].append(ms)
+            return
+        policy = policies[label]
+        window = followed(obs, previous[label], stamp, cfg) if policy.warm_start_steps else obs
+        policy.cache.clear()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            policy._frame_features(window)  # the encoder; predict then finds both frames cached
+        t1 = time.perf_counter()
+        actions = policy.predict(window, noise=noise, previous=previous[label], plan_stamp_ns=stamp)
+        t2 = time.perf_counter()
+        if timed:
+            out[label].append((t2 - t0) * 1e3)
+            encoder_ms.setdefault(label, []).append((t1 - t0) * 1e3)
+            if previous[label] is not None and jumps is not None:
                 jumps.setdefault(label, []).append(switch_velocity_jump(previous[label], actions, stamp, cfg))
-            if (i >= warm_up and policy.warm_start_steps and policy.cold_reason is not None
-                    and cold_starts is not None):
+            if policy.warm_start_steps and policy.cold_reason is not None and cold_starts is not None:
                 cold_starts.setdefault(label, []).append(policy.cold_reason)
-            previous[label] = PreviousPlan(actions, stamp)
-            if i >= warm_up:
-                out[label].append((t2 - t0) * 1e3)
-                encoder_ms.setdefault(label, []).append((t1 - t0) * 1e3)
-        if progress and i >= warm_up:
-            progress()
+        previous[label] = PreviousPlan(actions, stamp)
+
+    while any(len(v) < iterations for v in out.values()):
+        for label in labels:
+            todo = min(block, iterations - len(out[label]))
+            if not todo:
+                continue
+            for _ in range(WARM_UP if position[label] == 0 else 1):
+                plan(label, timed=False)
+            for _ in range(todo):
+                plan(label, timed=True)
+                if progress:
+                    progress()
     return out
 
 
@@ -344,8 +368,7 @@ def run(iterations: int = 20, device: str = "cpu", which: tuple[str, ...] = ("cn
     print(f"measuring the machine ({device}) ...", flush=True)
     rates = measure_machine(device)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"  matmul {rates.matmul_flops / 1e9:.0f} GFLOP/s fp32, memory read {rates.read_bytes / 1e9:.1f} GB/s, "
-          f"torch threads {threads}, load average {load:.2f}")
+    print(f"  {rates.line()}, torch threads {threads}, load average {load:.2f}")
 
     tmp = Path(tempfile.mkdtemp(prefix="dp_ros_bench_"))  # exports, LeRobot's files
     try:
@@ -387,7 +410,6 @@ def _run(iterations, device, which, backends, precisions, variants, compare, ler
             model = build_model(cfg)
         reference = Policy(cfg, model, resolve_device(device), seed=0)
         cost = plan_cost(reference)
-        bound = cost.bound_ms(rates)
         onnx_dir = None
         if "onnxruntime" in backends:
             from ..policy.export import export_policy
@@ -402,7 +424,7 @@ def _run(iterations, device, which, backends, precisions, variants, compare, ler
         print(f"\n{label}: {cost.params / 1e6:.1f} M parameters ({cost.step_params / 1e6:.1f} M "
               f"read at every denoising step), {cost.flops() / 1e9:.2f} GFLOP ({cost.encoder_flops / 1e9:.2f} in the "
               f"encoder) and {cost.weight_bytes() / 1e9:.2f} GB of weight reads per cold fp32 "
-              f"plan; machine bound {bound:.1f} ms", flush=True)
+              f"plan", flush=True)
         if compare == "lerobot":
             lerobot = LeRobotServer(python, tmp / "lerobot", threads, tmp)
             print(f"  LeRobot {lerobot.info['lerobot']} (torch {lerobot.info['torch']}, "
@@ -427,12 +449,19 @@ def _run(iterations, device, which, backends, precisions, variants, compare, ler
         jumps: dict = {}
         cold: dict = {}
         try:
-            with tqdm(total=iterations, desc="plans", unit="plan", leave=False) as bar:
+            with tqdm(total=iterations * (len(policies) + (lerobot is not None)), desc="plans",
+                      unit="plan", leave=False) as bar:
                 lat = time_plans(policies, cfg, iterations, progress=bar.update, lerobot=lerobot,
                                  encoder_ms=enc_ms, jumps=jumps, cold_starts=cold)
         finally:
             if lerobot is not None:
                 lerobot.close()
+        after = measure_machine(device)
+        print(f"  machine after the timing: {after.line()}")
+        rates = rates.best(after)
+        bound = cost.bound_ms(rates)
+        print(f"  machine bound {bound:.1f} ms per cold fp32 plan (the faster rate of each "
+              f"measurement)")
         print(f"\n  {'variant':<28}{'median ms':>10}{'p90 ms':>9}{'of bound':>13}{'of fp32 bound':>14}"
               f"{'encoder ms':>12}{'per step ms':>13}")
         for name, values in lat.items():
@@ -449,7 +478,7 @@ def _run(iterations, device, which, backends, precisions, variants, compare, ler
             ler = statistics.median(lat["lerobot"])
             for name in policies:
                 print(f"  {name}: {statistics.median(lat[name]) / ler:.3f} x LeRobot's median "
-                      f"({ler / statistics.median(lat[name]):.1f} x faster), same run, alternated")
+                      f"({ler / statistics.median(lat[name]):.1f} x faster), same run, taking turns")
         if any(p.warm_start_steps for p in policies.values()):
             print("  switch jump (open loop, consecutive plans every T_a ticks on random windows, "
                   "warm starts' state on their previous plan; velocity change at the switch, "
@@ -461,7 +490,8 @@ def _run(iterations, device, which, backends, precisions, variants, compare, ler
                   f"(first reason: {reasons[0]}); its row mixes warm and cold plans")
         for name, g in gates.items():
             print(f"  accuracy ({name}): {g.line().strip()}")
-    print("\nof bound = machine bound / median latency (1.0 = at the bound); the bound is "
+    print(f"\nThe variants took turns in blocks of {BLOCK} plans, the first plan of each block "
+          "not timed. of bound = machine bound / median latency (1.0 = at the bound); the bound is "
           "max(FLOPs / matmul rate, weight bytes / read bandwidth), both measured above. "
           "Each plan encodes both frames of its window (plans every T_a ticks), batch 1. "
           "Warm-start rows: bound of the fewer network calls; 'of fp32 bound' compares with "

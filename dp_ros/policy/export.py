@@ -5,7 +5,8 @@ Writes into OUT:
   and pixel normalisation inside (exported per frame, so the feature cache still works);
 - ``denoiser_step.onnx``: one network evaluation, inputs ``sample`` (1, T_p, A) normalised
   and the conditioning -> the network output. For the U-Net the conditioning is ``film``
-  (1, F), that step's row of ``denoiser_film.onnx``; for the transformer it is ``timestep``
+  (1, F), that step's row of ``denoiser_film.onnx`` (each block's FiLM repeated over the
+  time steps the block sees, see ConditionalUnet1D.repeat_film); for the transformer it is ``timestep``
   (1,) int64, ``frame_features`` (1, T_o, F) and raw ``state`` (1, T_o, D);
 - ``denoiser_film.onnx`` (U-Net only): ``timesteps`` (K,) int64 + ``frame_features`` + raw
   ``state`` -> ``film`` (K, 1, F), every FiLM vector of a plan's K steps, run once per
@@ -28,6 +29,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -37,6 +39,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backends.onnx_backend import FORMAT, MANIFEST, import_onnxruntime
@@ -66,6 +69,30 @@ class _Encoder(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.model.obs_encoder.encode_camera(self.camera, frames)
+
+
+def conv_taps(t_in: int, k: int, stride: int, pad: int, transposed: bool = False) -> np.ndarray:
+    """(T_out, k) input index that tap i of output step s reads along one axis of a
+    convolution (of a transposed one: the input step whose zero-stuffed copy it reads), -1
+    where it reads padding or stuffed zeros."""
+    t_out = (t_in - 1) * stride - 2 * pad + k if transposed else (t_in + 2 * pad - k) // stride + 1
+    s, i = np.meshgrid(np.arange(t_out), np.arange(k), indexing="ij")
+    if transposed:  # output s = t * stride - pad + i
+        t, rem = np.divmod(s + pad - i, stride)
+        t[rem != 0] = -1
+    else:  # output s reads input s * stride - pad + i
+        t = s * stride - pad + i
+    return np.where((t >= 0) & (t < t_in), t, -1)
+
+
+def _one_hot_rows(index: np.ndarray, n_in: int) -> torch.Tensor:
+    """(index.size, n_in) 0/1 matrix: row r picks input index.flat[r], or nothing at -1.
+    Built in numpy: torch ops here would be traced into the graph, thousands of them."""
+    flat = index.reshape(-1)
+    m = np.zeros((flat.size, n_in), np.float32)
+    rows = np.flatnonzero(flat >= 0)
+    m[rows, flat[rows]] = 1.0
+    return torch.from_numpy(m)
 
 
 class MatmulConv1d(nn.Module):
@@ -99,25 +126,12 @@ class MatmulConv1d(nn.Module):
 
     def im2col(self, t_in: int) -> Optional[torch.Tensor]:
         """(T_out * k, T_in) 0/1 matrix: row s * k + i picks the input step that tap i of
-        output step s reads (an all-zero row where it reads padding); None for a 1x1 conv.
-        Built in numpy: torch ops here would be traced into the graph, thousands of them."""
+        output step s reads (an all-zero row where it reads padding); None for a 1x1 conv."""
         if self.pointwise:
             return None
         if t_in not in self._im2col:
-            k, st, p = self.k, self.stride, self.pad
-            t_out = (t_in - 1) * st - 2 * p + k if self.transposed else (t_in + 2 * p - k) // st + 1
-            m = np.zeros((t_out * k, t_in), np.float32)
-            for s in range(t_out):
-                for i in range(k):
-                    if self.transposed:  # output s = t * stride - pad + i
-                        t, rem = divmod(s + p - i, st)
-                        if rem:
-                            continue
-                    else:  # output s reads input s * stride - pad + i
-                        t = s * st - p + i
-                    if 0 <= t < t_in:
-                        m[s * k + i, t] = 1.0
-            self._im2col[t_in] = torch.from_numpy(m)
+            taps = conv_taps(t_in, self.k, self.stride, self.pad, self.transposed)
+            self._im2col[t_in] = _one_hot_rows(taps, t_in)
         return self._im2col[t_in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) -> (B, O, T_out)
@@ -134,6 +148,94 @@ class MatmulConv1d(nn.Module):
         return y.reshape(b, t_out, -1).transpose(1, 2)
 
 
+class MatmulConv2d(nn.Module):
+    """A Conv2d (groups 1, no dilation) that, on inputs of few pixels, runs as two MatMuls
+    in the export, the 2-D form of MatmulConv1d; on larger inputs it stays a Conv.
+
+    The deep layers of the ResNet encoder see 6x6 and 3x3 maps: there onnxruntime's
+    direct convolution ran at a third of the weight bandwidth (paper CNN, 84x84 crop, two
+    frames: encoder 12.2 -> ~9 ms). The im2col MatMul costs (input pixels / output channels)
+    of the convolution's own multiply-adds, so it is used where that is at most
+    IM2COL_MAX_COST. Weight (kh * kw * C, O): row (i * kw + j) * C + c holds tap (i, j) of
+    input channel c."""
+
+    IM2COL_MAX_COST = 0.25
+
+    @staticmethod
+    def covers(conv: nn.Conv2d) -> bool:
+        return (conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+                and not isinstance(conv.padding, str))
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if not self.covers(conv):
+            raise ValueError("MatmulConv2d covers plain convolutions only")
+        self.conv = conv
+        out_ch, in_ch, kh, kw = conv.weight.shape
+        self.weight = nn.Parameter(conv.weight.detach().permute(2, 3, 1, 0)
+                                   .reshape(kh * kw * in_ch, out_ch).contiguous(), requires_grad=False)
+        self._im2col: dict[tuple[int, int], tuple[torch.Tensor, int, int]] = {}
+
+    def im2col(self, h: int, w: int) -> tuple[torch.Tensor, int, int]:
+        """(H_out * W_out * kh * kw, H * W) 0/1 matrix, row ((a * W_out + b) * kh + i) * kw + j
+        picking the pixel that tap (i, j) of output pixel (a, b) reads; and H_out, W_out."""
+        if (h, w) not in self._im2col:
+            c = self.conv
+            rows = conv_taps(h, c.kernel_size[0], c.stride[0], c.padding[0])  # (H_out, kh)
+            cols = conv_taps(w, c.kernel_size[1], c.stride[1], c.padding[1])  # (W_out, kw)
+            pixel = rows[:, None, :, None] * w + cols[None, :, None, :]
+            pixel[(rows[:, None, :, None] < 0) | (cols[None, :, None, :] < 0)] = -1
+            self._im2col[(h, w)] = (_one_hot_rows(pixel, h * w), len(rows), len(cols))
+        return self._im2col[(h, w)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, O, H_out, W_out)
+        n, c, h, w = x.shape[0], x.shape[1], int(x.shape[2]), int(x.shape[3])
+        if h * w > self.IM2COL_MAX_COST * self.conv.out_channels:
+            return self.conv(x)
+        shift, h_out, w_out = self.im2col(h, w)
+        taps = self.weight.shape[0] // c
+        cols = shift @ x.reshape(n, c, h * w).transpose(1, 2)  # (N, H_out * W_out * taps, C)
+        y = cols.reshape(-1, taps * c) @ self.weight
+        if self.conv.bias is not None:
+            y = y + self.conv.bias
+        return y.reshape(n, h_out * w_out, -1).transpose(1, 2).reshape(n, -1, h_out, w_out)
+
+
+class ExpandedGroupNorm(nn.Module):
+    """GroupNorm whose per-channel scale and shift are constants of the input's full
+    (C, T) or (C, H, W) shape, for the export: onnxruntime broadcasts a (C, 1) operand one
+    row at a time, 4 us a call at 256 x 16 and 14 us at 1024 x 4, against 1.1 us for two
+    tensors of one shape (two such calls per GroupNorm, 25 GroupNorms in a paper U-Net step)."""
+
+    def __init__(self, norm: nn.GroupNorm):
+        super().__init__()
+        self.groups, self.eps = norm.num_groups, norm.eps
+        self.weight = norm.weight.detach() if norm.affine else None
+        self.bias = norm.bias.detach() if norm.affine else None
+        self._affine: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def affine(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and shift broadcast to `shape` (C, ...). Built in numpy, as constants."""
+        if shape not in self._affine:
+            column = (-1,) + (1,) * (len(shape) - 1)
+            self._affine[shape] = tuple(
+                torch.from_numpy(np.broadcast_to(v.numpy().reshape(column), shape).copy())
+                for v in (self.weight, self.bias))
+        return self._affine[shape]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # group_norm itself exports a (1, 1) Mul and Add even without an affine: instance
+        # norm over the groups is the same statistics, and exports as one op
+        shape = tuple(int(d) for d in x.shape[1:])
+        groups = x.reshape(-1, self.groups, math.prod(shape) // self.groups)
+        unit = torch.ones(self.groups)  # explicit: the exporter cannot size them itself here
+        y = F.instance_norm(groups, weight=unit, bias=unit - 1, eps=self.eps).reshape(-1, *shape)
+        if self.weight is None:
+            return y
+        scale, shift = self.affine(shape)
+        return y * scale + shift
+
+
 class ExpMish(nn.Module):
     """Mish as x * n / (n + 2) with n = e^x (e^x + 2), which equals x * tanh(softplus(x)).
 
@@ -148,17 +250,30 @@ class ExpMish(nn.Module):
 
 
 def export_form(model: DiffusionPolicyModel) -> DiffusionPolicyModel:
-    """A copy of `model` whose denoiser runs fast in onnxruntime, same outputs: convolutions
-    as MatmulConv1d, Mish as ExpMish."""
+    """A copy of `model` that runs fast in onnxruntime, same outputs: the denoiser's
+    convolutions as MatmulConv1d and Mish as ExpMish, the encoder's as MatmulConv2d,
+    every GroupNorm as ExpandedGroupNorm, and the U-Net's FiLM repeated over time
+    (ConditionalUnet1D.repeat_film): no (C, 1) broadcasts left in a denoising step."""
     model = copy.deepcopy(model)
-    if model.denoiser is None:
-        return model
-    for parent in list(model.denoiser.modules()):
+    def fast(child: nn.Module) -> Optional[nn.Module]:
+        if type(child) in (nn.Conv1d, nn.ConvTranspose1d):
+            return MatmulConv1d(child)
+        if type(child) is nn.Mish:
+            return ExpMish()
+        if type(child) is nn.Conv2d and MatmulConv2d.covers(child):
+            return MatmulConv2d(child)
+        if type(child) is nn.GroupNorm:
+            return ExpandedGroupNorm(child)
+        return None
+
+    if isinstance(model.denoiser, ConditionalUnet1D):
+        model.denoiser.repeat_film(model.cfg.T_p)
+    parts = [m for m in (model.denoiser, model.obs_encoder) if m is not None]
+    for parent in [m for part in parts for m in part.modules()]:
         for name, child in list(parent.named_children()):
-            if type(child) in (nn.Conv1d, nn.ConvTranspose1d):
-                setattr(parent, name, MatmulConv1d(child))
-            elif type(child) is nn.Mish:
-                setattr(parent, name, ExpMish())
+            replacement = fast(child)
+            if replacement is not None:
+                setattr(parent, name, replacement)
     return model
 
 
@@ -402,7 +517,7 @@ def export_policy(policy, out_dir: str | Path, *, int8: bool = False,
 def cached_onnx_dir(policy, int8: bool = False, root: Optional[Path] = None,
                     log: Callable[[str], None] = lambda _msg: None) -> Path:
     """The export of this policy's fp32 weights in the user cache, written (and checked,
-    and with `int8` quantized and gated) on first use."""
+    and with `int8` quantized and gated) on first use, and again after a format change."""
     from ..paths import cache_dir
     from .backends.onnx_backend import read_manifest
 
@@ -410,7 +525,8 @@ def cached_onnx_dir(policy, int8: bool = False, root: Optional[Path] = None,
     d = (root or cache_dir() / "onnx") / digest
     try:
         manifest = read_manifest(d)
-        if manifest.get("digest") == digest and (manifest.get("int8") or not int8):
+        if manifest.get("digest") == digest and manifest.get("format") == FORMAT \
+                and (manifest.get("int8") or not int8):
             return d
     except Exception:  # noqa: BLE001 - missing or unreadable: export again
         pass

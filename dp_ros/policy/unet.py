@@ -10,6 +10,8 @@ steps then run on it (``forward_film``); the plain ``forward`` (training) is unc
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,6 +116,9 @@ class ConditionalUnet1D(nn.Module):
             nn.Conv1d(start, action_dim, 1))
         # width of each block's FiLM in film()'s last axis (split at every denoising step)
         self.film_sizes = tuple(b.cond_encoder[1].out_features for b in self.film_blocks())
+        self.action_dim = action_dim
+        # time steps each block's FiLM is repeated over in film()'s output; None: not repeated
+        self.film_repeats: Optional[tuple[int, ...]] = None
 
     def film_blocks(self) -> list[ConditionalResidualBlock1D]:
         """The residual blocks in execution order: the layout of film()'s last axis."""
@@ -132,7 +137,27 @@ class ConditionalUnet1D(nn.Module):
         k, b = emb.shape[0], global_cond.shape[0]
         cond = torch.cat([emb[:, None].expand(k, b, -1), global_cond[None].expand(k, b, -1)], dim=-1)
         cond = F.mish(cond)  # every block's cond_encoder starts with the same Mish
-        return torch.cat([blk.cond_encoder[1](cond) for blk in self.film_blocks()], dim=-1)
+        films = [blk.cond_encoder[1](cond) for blk in self.film_blocks()]
+        if self.film_repeats is not None:
+            films = [f.unsqueeze(-1).expand(*f.shape, n).flatten(-2) for f, n in zip(films, self.film_repeats)]
+        return torch.cat(films, dim=-1)
+
+    def repeat_film(self, horizon: int) -> None:
+        """Make film() repeat each block's FiLM over the time steps that block sees at this
+        horizon, and forward_film() take it so. The ONNX export's form: onnxruntime
+        broadcasts a (C, 1) operand one row at a time, several times slower than a product
+        of two tensors of one shape, and film() runs once per plan, a step ten times."""
+        steps: list[int] = []
+        hooks = [b.register_forward_pre_hook(lambda _m, args: steps.append(int(args[0].shape[-1])))
+                 for b in self.film_blocks()]
+        try:  # the blocks run in film_blocks() order
+            with torch.no_grad():
+                self._unet(torch.zeros(1, horizon, self.action_dim),
+                           [torch.zeros(1, n, 1) for n in self.film_sizes])
+        finally:
+            for h in hooks:
+                h.remove()
+        self.film_repeats = tuple(steps)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int,
                 global_cond: torch.Tensor) -> torch.Tensor:
@@ -142,7 +167,11 @@ class ConditionalUnet1D(nn.Module):
 
     def forward_film(self, sample: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
         """One step given its row of film(): (B, T_p, action_dim), (B, F_total)."""
-        return self._unet(sample, [f.unsqueeze(-1) for f in film.split(self.film_sizes, dim=-1)])
+        if self.film_repeats is None:
+            return self._unet(sample, [f.unsqueeze(-1) for f in film.split(self.film_sizes, dim=-1)])
+        widths = [c * n for c, n in zip(self.film_sizes, self.film_repeats)]
+        return self._unet(sample, [f.reshape(f.shape[0], c, n) for f, c, n in
+                                   zip(film.split(widths, dim=-1), self.film_sizes, self.film_repeats)])
 
     def _unet(self, sample: torch.Tensor, films: list[torch.Tensor]) -> torch.Tensor:
         x = sample.transpose(1, 2)  # (B, C, T)

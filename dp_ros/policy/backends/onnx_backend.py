@@ -29,7 +29,9 @@ from ..model import DiffusionPolicyModel
 from ..schedule import Sampler
 
 MANIFEST = "manifest.json"
-FORMAT = "dp_ros-onnx/2"  # /2: convolutions as im2col MatMuls, Mish from Exp (faster graphs)
+FORMAT = "dp_ros-onnx/3"  # /2: U-Net convolutions as im2col MatMuls, Mish from Exp; /3: the
+# encoder's small-map convolutions too. Same inputs and outputs: /2 files are still served.
+READABLE_FORMATS = ("dp_ros-onnx/2", FORMAT)
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
@@ -62,7 +64,7 @@ def read_manifest(onnx_dir: str | Path) -> dict:
     if not path.is_file():
         raise OnnxBackendError(f"{onnx_dir}: no {MANIFEST} (write one with dp-ros export CKPT --onnx DIR)")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in READABLE_FORMATS:
         raise OnnxBackendError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r} "
                                "(export again with dp-ros export CKPT --onnx DIR)")
     return manifest
