@@ -51,6 +51,11 @@ def random_obs(cfg: PolicyConfig, seed: int = 0) -> dict:
     }
 
 
+def random_noise(cfg: PolicyConfig, seed: int = 0) -> np.ndarray:
+    """An initial sample x_K (T_p, action_dim) for `cfg`."""
+    return np.random.default_rng(seed).standard_normal((cfg.T_p, cfg.action_dim)).astype(np.float32)
+
+
 def write_config_only(directory: pathlib.Path, cfg: PolicyConfig) -> pathlib.Path:
     """A checkpoint directory whose config.json is real and whose weights file is a
     placeholder: enough for anything that reads only the config (swap validation), and

@@ -25,7 +25,7 @@ from dp_ros.policy.inference import load_policy  # noqa: E402
 from dp_ros.policy.model import build_model  # noqa: E402
 from dp_ros.policy.config import ScheduleConfig  # noqa: E402
 from dp_ros.policy.warm_start import PreviousPlan, shift_plan  # noqa: E402
-from helpers_policy import make_checkpoint, random_obs, small_config  # noqa: E402
+from helpers_policy import make_checkpoint, random_noise, random_obs, small_config  # noqa: E402
 
 TOL = 1e-4
 
@@ -42,10 +42,6 @@ def exported(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         assert cli_main(["export", str(ckpt), "--onnx", str(out), "--int8"]) == 0
     return ckpt, out, printed.getvalue()
-
-
-def _noise(cfg, seed):
-    return np.random.default_rng(seed).standard_normal((cfg.T_p, cfg.action_dim)).astype(np.float32)
 
 
 def test_export_command_writes_the_graphs_and_prints_the_checks(exported):
@@ -70,7 +66,7 @@ def test_onnxruntime_backend_equals_torch(exported, graph):
                       plan_graph=graph)
     assert ort.engine.plan_graph == graph
     for s in range(3):
-        obs, noise = random_obs(ref.config, 100 + s), _noise(ref.config, s)
+        obs, noise = random_obs(ref.config, 100 + s), random_noise(ref.config, s)
         a, b = ref.predict(obs, noise=noise), ort.predict(obs, noise=noise)
         assert np.abs(a - b).max() <= TOL
     # the per-frame feature cache works the same: a window sharing a frame with the last
@@ -81,12 +77,12 @@ def test_onnxruntime_backend_equals_torch(exported, graph):
     first = {"images": {"image": frames}, "state": shifted["state"]}
     for p in (ref, ort):
         p.cache.clear()
-        p.predict(first, noise=_noise(ref.config, 9))
+        p.predict(first, noise=random_noise(ref.config, 9))
         hits = p.cache.hits
-        p.predict(shifted, noise=_noise(ref.config, 9))
+        p.predict(shifted, noise=random_noise(ref.config, 9))
         assert p.cache.hits == hits + 1
-    assert np.abs(ref.predict(shifted, noise=_noise(ref.config, 9))
-                  - ort.predict(shifted, noise=_noise(ref.config, 9))).max() <= TOL
+    assert np.abs(ref.predict(shifted, noise=random_noise(ref.config, 9))
+                  - ort.predict(shifted, noise=random_noise(ref.config, 9))).max() <= TOL
 
 
 def test_warm_start_through_the_step_graph_equals_torch(exported):
@@ -97,7 +93,7 @@ def test_warm_start_through_the_step_graph_equals_torch(exported):
     cfg = ref.config
     prev = PreviousPlan(np.random.default_rng(3).uniform(-3, 1, (cfg.T_p, cfg.action_dim))
                         .astype(np.float32), stamp_ns=0)
-    obs, noise = random_obs(cfg, 4), _noise(cfg, 4)
+    obs, noise = random_obs(cfg, 4), random_noise(cfg, 4)
     # the newest state where the previous plan put the arm: it followed the plan (warm)
     obs["state"][-1] = shift_plan(prev, 200_000_000, cfg.dt, cfg.T_p)[cfg.T_o - 1]
     a = ref.predict(obs, noise=noise, previous=prev, plan_stamp_ns=200_000_000)
@@ -165,7 +161,7 @@ def test_transformer_with_ddpm_exports_the_step_graph_equal_to_torch(tmp_path):
     for s in range(2):
         ref.generator.manual_seed(s)
         ort.generator.manual_seed(s)
-        obs, noise = random_obs(cfg, s), _noise(cfg, s)
+        obs, noise = random_obs(cfg, s), random_noise(cfg, s)
         assert np.abs(ref.predict(obs, noise=noise) - ort.predict(obs, noise=noise)).max() <= TOL
 
 

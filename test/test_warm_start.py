@@ -15,7 +15,7 @@ from dp_ros.policy.runner import PlanJob, PlanRunner
 from dp_ros.policy.swap import LoadOutcome
 from dp_ros.policy.warm_start import (FOLLOW_TOLERANCE, PreviousPlan, check_warm_start_steps,
                                       departure, shift_plan)
-from helpers_policy import random_obs
+from helpers_policy import random_noise, random_obs
 
 DT_NS = 100_000_000  # small_config's dt is 0.1 s
 
@@ -29,10 +29,6 @@ def _on_plan(obs: dict, cfg, shifted: np.ndarray) -> dict:
     robot followed it (small_config's state and action are the same joints)."""
     obs["state"][-1] = shifted[cfg.T_o - 1]
     return obs
-
-
-def _noise(cfg, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((cfg.T_p, cfg.action_dim)).astype(np.float32)
 
 
 def test_shift_on_the_grid_reuses_the_remainder_and_pads_with_the_last_action():
@@ -68,7 +64,7 @@ def test_warm_start_steps_are_validated_with_the_reason(cfg, model):
 
 def test_first_plan_without_a_previous_one_equals_the_cold_plan(cfg, model):
     cold, warm = _policy(cfg, model, 0), _policy(cfg, model, 3)
-    obs, noise = random_obs(cfg, 1), _noise(cfg, 1)
+    obs, noise = random_obs(cfg, 1), random_noise(cfg, 1)
     a = cold.predict(obs, noise=noise)
     b = warm.predict(obs, noise=noise, previous=None, plan_stamp_ns=10 * DT_NS)
     np.testing.assert_array_equal(a, b)
@@ -82,7 +78,7 @@ def test_warm_plan_denoises_the_shifted_previous_plan_with_fewer_calls(cfg, mode
     K = len(policy.sampler)
     prev = np.random.default_rng(5).uniform(-2, 0.5, (cfg.T_p, cfg.action_dim)).astype(np.float32)
     expected0 = np.concatenate([prev[k:], np.repeat(prev[-1:], k, axis=0)])
-    obs, noise = _on_plan(random_obs(cfg, 2), cfg, expected0), _noise(cfg, 2)
+    obs, noise = _on_plan(random_obs(cfg, 2), cfg, expected0), random_noise(cfg, 2)
     seen = {}
     real_sample = policy.engine.sample
 
@@ -134,15 +130,15 @@ def test_a_robot_off_the_previous_plan_gets_a_cold_plan(cfg, model):
     policy = _policy(cfg, model, 3)
     prev = np.random.default_rng(6).uniform(-2, 0.5, (cfg.T_p, cfg.action_dim)).astype(np.float32)
     followed = _on_plan(random_obs(cfg, 4), cfg, prev)
-    policy.predict(followed, noise=_noise(cfg, 4), previous=PreviousPlan(prev, 0), plan_stamp_ns=0)
+    policy.predict(followed, noise=random_noise(cfg, 4), previous=PreviousPlan(prev, 0), plan_stamp_ns=0)
     assert policy.cold_reason is None and policy.last_start_index > 0
     moved = _on_plan(random_obs(cfg, 4), cfg, prev)
     moved["state"][-1, 0] += 2 * FOLLOW_TOLERANCE * action_range(cfg)[0]
-    cold = policy.predict(moved, noise=_noise(cfg, 4), previous=PreviousPlan(prev, 0),
+    cold = policy.predict(moved, noise=random_noise(cfg, 4), previous=PreviousPlan(prev, 0),
                           plan_stamp_ns=0)
     assert policy.last_start_index == 0
     assert policy.cold_reason.startswith(cfg.action_names[0]) and "of its range away" in policy.cold_reason
-    np.testing.assert_array_equal(cold, _policy(cfg, model, 0).predict(moved, noise=_noise(cfg, 4)))
+    np.testing.assert_array_equal(cold, _policy(cfg, model, 0).predict(moved, noise=random_noise(cfg, 4)))
 
 
 def test_warm_start_pulls_the_plan_towards_the_previous_one(cfg, model):
@@ -152,7 +148,7 @@ def test_warm_start_pulls_the_plan_towards_the_previous_one(cfg, model):
     obs = _on_plan(random_obs(cfg, 3), cfg, prev)
     gaps_warm, gaps_cold = [], []
     for s in range(4):
-        noise = _noise(cfg, 10 + s)
+        noise = random_noise(cfg, 10 + s)
         warm = policy.predict(obs, noise=noise, previous=PreviousPlan(prev, 0), plan_stamp_ns=0)
         cold = policy.predict(obs, noise=noise)
         gaps_warm.append(np.abs(warm - prev).mean())

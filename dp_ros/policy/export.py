@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends.onnx_backend import FORMAT, MANIFEST, import_onnxruntime
-from .backends.precision import accuracy_gate, fixed_windows
+from .backends.precision import accuracy_gate, action_differences, fixed_windows
 from .model import DiffusionPolicyModel
 from .schedule import Sampler
 from .unet import ConditionalUnet1D
@@ -440,14 +440,7 @@ def _small_matmuls(graph) -> list[str]:
 
 def compare(reference, candidate, windows) -> float:
     """Largest absolute action difference of two Policy objects on (obs, noise) windows."""
-    worst = 0.0
-    for i, (obs, noise) in enumerate(windows):
-        reference.generator.manual_seed(i)
-        candidate.generator.manual_seed(i)
-        a = reference.predict(obs, noise=noise)
-        b = candidate.predict(obs, noise=noise)
-        worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()))
-    return worst
+    return max((float(d.max()) for d in action_differences(reference, candidate, windows)), default=0.0)
 
 
 def _median_plan_ms(policy, windows, repeats: int) -> float:

@@ -51,6 +51,17 @@ class GateResult:
                 f"({self.max_rel:.3%} of the action range, limit {self.limit:.0%}) {verdict}")
 
 
+def action_differences(reference, candidate, windows, seed: int = GATE_SEED):
+    """|candidate - reference| actions (float64) of two Policy objects, window by window,
+    each pair planned from the same initial noise and DDPM per-step noise."""
+    for i, (obs, noise) in enumerate(windows):
+        reference.generator.manual_seed(seed + i)
+        ref = reference.predict(obs, noise=noise)
+        candidate.generator.manual_seed(seed + i)
+        got = candidate.predict(obs, noise=noise)
+        yield np.abs(got.astype(np.float64) - ref.astype(np.float64))
+
+
 def accuracy_gate(reference, candidate, precision: str, windows=None,
                   limit: float = GATE_LIMIT) -> GateResult:
     """Compare two Policy objects (fp32 reference, reduced candidate) on fixed windows."""
@@ -58,12 +69,7 @@ def accuracy_gate(reference, candidate, precision: str, windows=None,
     windows = windows if windows is not None else fixed_windows(cfg)
     rng = action_range(cfg)
     max_abs, max_rel = 0.0, 0.0
-    for i, (obs, noise) in enumerate(windows):
-        reference.generator.manual_seed(GATE_SEED + i)  # DDPM's per-step noise alike too
-        ref = reference.predict(obs, noise=noise)
-        candidate.generator.manual_seed(GATE_SEED + i)
-        got = candidate.predict(obs, noise=noise)
-        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    for diff in action_differences(reference, candidate, windows):
         if not np.all(np.isfinite(diff)):
             return GateResult(precision, float("inf"), float("inf"), limit, False)
         max_abs = max(max_abs, float(diff.max()))
