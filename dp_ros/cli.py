@@ -16,7 +16,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(episodes=args.episodes, policy=args.policy, fresh=args.fresh,
                     demos=args.demos, baseline=args.baseline, speed=args.speed,
                     minutes=args.minutes, out=args.out,
-                    warm_start_steps=args.warm_start_steps)
+                    warm_start_steps=args.warm_start_steps,
+                    warm_start_keep_steps=args.warm_start_keep_steps)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -176,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-start-steps", nargs="+", type=int, default=[], metavar="N",
                    help="also evaluate the diffusion policy with the policy node's "
                    "warm_start_steps N (compare latency, switch jumps and success with cold)")
+    p.add_argument("--warm-start-keep-steps", type=int, default=0, metavar="N",
+                   help="the policy node's warm_start_keep_steps for those warm-start runs: "
+                   "keep the running plan up to N - 1 steps after a new plan's stamp "
+                   "(default 0)")
     p.add_argument("--out", help="folder for the paths PNG and the episode GIF "
                    "(default: the cache folder)")
     p.set_defaults(func=cmd_demo)

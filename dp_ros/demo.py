@@ -292,14 +292,16 @@ def write_gif(record, path: Path, geometry=None, size: int = 240, fps: float = 1
 
 def evaluate(policy: Path, episodes: int, label: str, params: Path, speed: float,
              seed: int = EVAL_SEED, time_limit: Optional[float] = None,
-             warm_start_steps: int = 0):
+             warm_start_steps: int = 0, warm_start_keep_steps: int = 0):
     from .sim.closed_loop import run_closed_loop
 
     _say(f"\n  {label}: {episodes} episodes closed loop through ROS (sim_arm, obs_aggregator, "
          f"policy_node, trajectory_executor), seeds {seed}..{seed + episodes - 1}")
     return run_closed_loop(policy, episodes=episodes, seed=seed, params_file=params,
                            speed=speed, time_limit=time_limit, domain_id=DEMO_DOMAIN,
-                           overrides={"policy_node": {"warm_start_steps": warm_start_steps}},
+                           overrides={"policy_node": {
+                               "warm_start_steps": warm_start_steps,
+                               "warm_start_keep_steps": warm_start_keep_steps if warm_start_steps else 0}},
                            on_episode=lambda r: _say(episode_line(r)))
 
 
@@ -308,7 +310,7 @@ def evaluate(policy: Path, episodes: int, label: str, params: Path, speed: float
 def run_demo(episodes: int = 20, policy: Optional[str] = None, fresh: bool = False,
              demos: int = DEMONSTRATIONS, baseline: bool = False, speed: float = 2.0,
              minutes: Optional[float] = None, out: Optional[str] = None,
-             warm_start_steps: Sequence[int] = ()) -> int:
+             warm_start_steps: Sequence[int] = (), warm_start_keep_steps: int = 0) -> int:
     # the demo's DDS traffic stays on this host (set before rclpy is initialised)
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     started = time.monotonic()
@@ -346,15 +348,17 @@ def run_demo(episodes: int = 20, policy: Optional[str] = None, fresh: bool = Fal
             policies.append((f"{head} ({TRAIN_CONFIG})", ckpt))
     # the diffusion policy again with each warm start (the policy node's warm_start_steps)
     runs = [(label, ckpt, 0) for label, ckpt in policies]
-    runs += [(f"{policies[0][0]}, warm start {n}", policies[0][1], n)
+    keeping = f", keep {warm_start_keep_steps}" if warm_start_keep_steps else ""
+    runs += [(f"{policies[0][0]}, warm start {n}{keeping}", policies[0][1], n)
              for n in warm_start_steps if n > 0]
     _say(f"[4/4] closed-loop evaluation at up to {speed:g}x real time")
     results = []
     for label, ckpt, warm in runs:
-        res = evaluate(ckpt, episodes, label, params, speed, warm_start_steps=warm)
+        res = evaluate(ckpt, episodes, label, params, speed, warm_start_steps=warm,
+                       warm_start_keep_steps=warm_start_keep_steps)
         results.append(res)
         stem = Path(ckpt).parent.name if Path(ckpt).name == "latest" else Path(ckpt).name
-        stem += f"_warm{warm}" if warm else ""
+        stem += (f"_warm{warm}" + (f"_keep{warm_start_keep_steps}" if warm_start_keep_steps else "")) if warm else ""
         png = plot_paths(res, results_dir / f"{stem}_paths.png")
         shown = next((r for r in res.episodes if r.success), res.episodes[0])
         gif = write_gif(shown, results_dir / f"{stem}_episode.gif")

@@ -85,11 +85,12 @@ def test_onnxruntime_backend_equals_torch(exported, graph):
                   - ort.predict(shifted, noise=random_noise(ref.config, 9))).max() <= TOL
 
 
-def test_warm_start_through_the_step_graph_equals_torch(exported):
+@pytest.mark.parametrize("keep", [0, 2])
+def test_warm_start_through_the_step_graph_equals_torch(exported, keep):
     ckpt, out, _ = exported
-    ref = load_policy(ckpt, device="cpu", seed=0, warm_start_steps=2)
+    ref = load_policy(ckpt, device="cpu", seed=0, warm_start_steps=2, warm_start_keep_steps=keep)
     ort = load_policy(ckpt, device="cpu", seed=0, warm_start_steps=2, backend="onnxruntime",
-                      onnx_dir=out, plan_graph="loop")
+                      onnx_dir=out, plan_graph="loop", warm_start_keep_steps=keep)
     cfg = ref.config
     prev = PreviousPlan(np.random.default_rng(3).uniform(-3, 1, (cfg.T_p, cfg.action_dim))
                         .astype(np.float32), stamp_ns=0)

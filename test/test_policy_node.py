@@ -399,15 +399,17 @@ def test_refused_swaps_and_parameters_keep_the_old_policy(rig_factory, ckpts, of
                            ({"replan_every": 8}, "replan_every"),
                            ({"policy_dir": "/"}, "read-only"),
                            ({"seed": -2}, "seed"),
-                           ({"warm_start_steps": 1000}, "warm_start_steps")]:
+                           ({"warm_start_steps": 1000}, "warm_start_steps"),
+                           ({"warm_start_keep_steps": 1000}, "warm_start_keep_steps")]:
         [result] = rig.set(**params)
         assert not result.successful and reason in result.reason, (params, result.reason)
     assert rig.node.get_parameter("policy_path").value == str(ckpts / "A")
     assert [r.successful for r in rig.set(latency_margin=0.05, replan_every=2)] == [True, True]
     window, stamp, msg = rig.plan_for(1)
     assert source_of(msg, window, stamp, offline) == "A" and rig.ids == ["A"]
-    assert [r.successful for r in rig.set(warm_start_steps=2)] == [True]
-    assert rig.node.runner.policy.warm_start_steps == 2  # from the next plan on
+    assert [r.successful for r in rig.set(warm_start_steps=2, warm_start_keep_steps=2)] == [True, True]
+    policy = rig.node.runner.policy
+    assert (policy.warm_start_steps, policy.warm_start_keep_steps) == (2, 2)  # from the next plan on
 
 
 def test_corrupt_weights_fail_the_load_not_the_set(rig_factory, ckpts, offline):
@@ -427,7 +429,9 @@ def test_bad_start_parameters_are_refused(ros_context, ckpts):
                            ({"policy_path": str(ckpts / "corrupt")}, "model.safetensors"),
                            ({"policy_path": str(ckpts / "A"), "joint_names": ["only_one"]},
                             "joint_names"),
-                           ({"policy_path": str(ckpts / "A"), "replan_every": 8}, "replan_every")]:
+                           ({"policy_path": str(ckpts / "A"), "replan_every": 8}, "replan_every"),
+                           ({"policy_path": str(ckpts / "A"), "warm_start_keep_steps": 99},
+                            "warm_start_keep_steps must be")]:
         with pytest.raises(ValueError, match=reason):
             PolicyNode(context=ros_context, parameter_overrides=[
                 Parameter(k, value=v) for k, v in {**base, **params}.items()])

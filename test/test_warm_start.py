@@ -13,8 +13,8 @@ from dp_ros.policy.inference import Policy
 from dp_ros.policy.normalizer import action_range
 from dp_ros.policy.runner import PlanJob, PlanRunner
 from dp_ros.policy.swap import LoadOutcome
-from dp_ros.policy.warm_start import (FOLLOW_TOLERANCE, PreviousPlan, check_warm_start_steps,
-                                      departure, shift_plan)
+from dp_ros.policy.warm_start import (FOLLOW_TOLERANCE, PreviousPlan, check_keep_steps,
+                                      check_warm_start_steps, departure, shift_plan)
 from helpers_policy import random_noise, random_obs
 
 DT_NS = 100_000_000  # small_config's dt is 0.1 s
@@ -82,9 +82,9 @@ def test_warm_plan_denoises_the_shifted_previous_plan_with_fewer_calls(cfg, mode
     seen = {}
     real_sample = policy.engine.sample
 
-    def spy(feats, state, x, start_index, generator):
+    def spy(feats, state, x, start_index, generator, inpaint=None):
         seen["x"], seen["start"] = x.clone(), start_index
-        return real_sample(feats, state, x, start_index, generator)
+        return real_sample(feats, state, x, start_index, generator, inpaint=inpaint)
 
     policy.engine.sample = spy
     before = policy.engine.denoiser_calls
@@ -102,6 +102,37 @@ def test_warm_plan_denoises_the_shifted_previous_plan_with_fewer_calls(cfg, mode
     policy.predict(obs, noise=noise, previous=PreviousPlan(prev, 0), plan_stamp_ns=100 * DT_NS)
     assert seen["start"] == 0
     assert policy.cold_reason == "nothing of the previous plan lies ahead"
+
+
+def test_keep_steps_are_validated_with_the_reason(cfg, model):
+    assert check_keep_steps(0, 2, 8) == 0 and check_keep_steps(7, 2, 8) == 7
+    for bad in (-1, 8):
+        with pytest.raises(ValueError, match="warm_start_keep_steps must be 0"):
+            check_keep_steps(bad, 2, 8)
+    with pytest.raises(ValueError, match="warm_start_keep_steps"):
+        Policy(cfg, model, torch.device("cpu"), warm_start_steps=3, warm_start_keep_steps=99)
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_warm_start_keeps_the_running_plan_where_it_still_executes(cfg, model, keep):
+    """With warm_start_keep_steps N the new plan equals the shifted previous plan up to
+    N - 1 steps after its stamp (the executor still runs those while it is computed), and
+    goes its own way after them; without it the new plan moves off there too."""
+    k = 2
+    prev = np.random.default_rng(6).uniform(-2, 0.5, (cfg.T_p, cfg.action_dim)).astype(np.float32)
+    shifted = np.concatenate([prev[k:], np.repeat(prev[-1:], k, axis=0)])
+    obs, noise = _on_plan(random_obs(cfg, 3), cfg, shifted), random_noise(cfg, 3)
+    plans = {}
+    for n in (0, keep):
+        policy = Policy(cfg, model, torch.device("cpu"), seed=0, warm_start_steps=3,
+                        warm_start_keep_steps=n)
+        plans[n] = policy.predict(obs, noise=noise, previous=PreviousPlan(prev, 10 * DT_NS),
+                                  plan_stamp_ns=(10 + k) * DT_NS)
+        assert policy.cold_reason is None
+    kept = cfg.T_o - 1 + keep
+    np.testing.assert_allclose(plans[keep][:kept], shifted[:kept], atol=1e-5)
+    assert np.abs(plans[0][:kept] - shifted[:kept]).max() > 1e-3
+    assert np.abs(plans[keep][kept:] - shifted[kept:]).max() > 1e-3
 
 
 def test_departure_names_the_joint_the_robot_left_the_plan_on():
@@ -171,6 +202,7 @@ class _OneSwap:
 
 def test_plan_runner_hands_the_previous_plan_to_the_next_and_forgets_it_at_a_swap(cfg, model):
     policy, other = _policy(cfg, model, 4), _policy(cfg, model, 4)
+    policy.warm_start_keep_steps = 2
     outcomes: list = []
     done = threading.Event()
     loader = _OneSwap(other)
@@ -200,6 +232,8 @@ def test_plan_runner_hands_the_previous_plan_to_the_next_and_forgets_it_at_a_swa
         assert first[0].ok and second[0].ok and third[0].ok
         assert first[1] == 0  # nothing to start from
         assert second[1] == len(policy.sampler) - 4  # warm from the first plan
+        kept = cfg.T_o - 1 + 2  # and on it where the first plan still runs (4 steps later)
+        np.testing.assert_allclose(second[0].actions[:kept], first[0].actions[4:4 + kept], atol=1e-5)
         assert third[1] == 0  # another policy: its first plan starts cold
         assert runner.policy is other
         assert runner.previous.stamp_ns == 18 * DT_NS

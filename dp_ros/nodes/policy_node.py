@@ -61,6 +61,7 @@ from dp_ros.policy.backends import check_backend
 from dp_ros.policy.inference import resolve_device
 from dp_ros.policy.runner import LatencyStats, PlanJob, PlanOutcome, PlanRunner
 from dp_ros.policy.swap import LoadOutcome, PolicyLoader, SwapError, validate_swap
+from dp_ros.policy.warm_start import check_keep_steps
 from dp_ros.nodes.run import STARTUP_ERRORS, run_node
 
 NODE_NAME = "policy_node"
@@ -121,6 +122,14 @@ PARAMETERS = {
                     "plan shifted to the new time grid, noised to the level of sampler step "
                     "K - N, and denoise N steps (N < K, the policy's inference steps)",
         integer_range=int_range(0, 1000))),
+    "warm_start_keep_steps": (0, ParameterDescriptor(
+        description="With a warm start, N > 0 keeps the running plan as it is up to N - 1 "
+                    "steps after the new plan's stamp (inpainted at every denoising step): "
+                    "the part the executor still runs while the new plan is computed, so the "
+                    "switch lands on the running plan instead of where the lagging arm was "
+                    "measured. Cover the plan latency plus the executor's actuation_lead "
+                    "(N >= (latency + lead) / dt + 1). 0 = keep nothing",
+        integer_range=int_range(0, 1000))),
 }
 
 
@@ -140,6 +149,7 @@ class PolicyNode(Node):
         check_backend(p["backend"], p["precision"])  # ValueError naming the bad value
         self._inference_options = {"backend": p["backend"], "precision": p["precision"]}
         self._warm_start_steps = int(p["warm_start_steps"])
+        self._warm_start_keep_steps = int(p["warm_start_keep_steps"])
         try:
             policy = load_policy(os.path.realpath(p["policy_path"]), device=self.device,
                                  seed=None if seed < 0 else seed, **self._inference_options)
@@ -147,8 +157,9 @@ class PolicyNode(Node):
             raise ValueError(f"policy_path: {err}") from None
         try:
             policy.warm_start_steps = self._warm_start_steps
+            policy.warm_start_keep_steps = self._warm_start_keep_steps
         except ValueError as err:
-            raise ValueError(f"warm_start_steps: {err}") from None
+            raise ValueError(str(err)) from None
         cfg = policy.config
         self.graph_config: PolicyConfig = cfg  # what every later policy must be compatible with
         self.joint_names = list(p["joint_names"] or cfg.action_names)
@@ -319,6 +330,8 @@ class PolicyNode(Node):
         policy = loaded.policy
         # the node's warm start, within what the new policy's sampler allows
         policy.warm_start_steps = min(self._warm_start_steps, policy.max_warm_start_steps)
+        policy.warm_start_keep_steps = min(self._warm_start_keep_steps,
+                                           policy.config.T_p - policy.config.T_o + 1)
         with self._lock:
             self.active_path = loaded.path
             self.swap_status = "ok"
@@ -355,6 +368,8 @@ class PolicyNode(Node):
                         raise ValueError(f"seed must be >= -1, got {param.value}")
                 elif param.name == "warm_start_steps":
                     self.runner.policy.check_warm_start_steps(int(param.value))
+                elif param.name == "warm_start_keep_steps":
+                    check_keep_steps(int(param.value), cfg.T_o, cfg.T_p)
         except (SwapError, ValueError) as err:
             self.get_logger().warning(f"parameter set refused: {err}")
             return SetParametersResult(successful=False, reason=str(err))
@@ -383,6 +398,9 @@ class PolicyNode(Node):
             elif param.name == "warm_start_steps":
                 self._warm_start_steps = int(param.value)
                 self.runner.policy.warm_start_steps = self._warm_start_steps  # from the next plan
+            elif param.name == "warm_start_keep_steps":
+                self._warm_start_keep_steps = int(param.value)
+                self.runner.policy.warm_start_keep_steps = self._warm_start_keep_steps
 
     # ------------------------------------------------------------------ diagnostics
 

@@ -154,7 +154,8 @@ class MatmulConv2d(nn.Module):
 
     The deep layers of the ResNet encoder see 6x6 and 3x3 maps: there onnxruntime's
     direct convolution ran at a third of the weight bandwidth (paper CNN, 84x84 crop, two
-    frames: encoder 12.2 -> ~9 ms). The im2col MatMul costs (input pixels / output channels)
+    frames, caches flushed between calls: encoder 10.9 -> 10.0 ms; a limit of 0.5 or 1 was
+    slower than 0.25). The im2col MatMul costs (input pixels / output channels)
     of the convolution's own multiply-adds, so it is used where that is at most
     IM2COL_MAX_COST. Weight (kh * kw * C, O): row (i * kw + j) * C + c holds tap (i, j) of
     input channel c."""
@@ -255,6 +256,7 @@ def export_form(model: DiffusionPolicyModel) -> DiffusionPolicyModel:
     every GroupNorm as ExpandedGroupNorm, and the U-Net's FiLM repeated over time
     (ConditionalUnet1D.repeat_film): no (C, 1) broadcasts left in a denoising step."""
     model = copy.deepcopy(model)
+
     def fast(child: nn.Module) -> Optional[nn.Module]:
         if type(child) in (nn.Conv1d, nn.ConvTranspose1d):
             return MatmulConv1d(child)

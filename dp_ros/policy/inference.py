@@ -77,11 +77,12 @@ class Policy:
                  source: str = "", seed: Optional[int] = None, *, backend: str = "torch",
                  precision: str = "fp32", warm_start_steps: int = 0,
                  onnx_dir: Optional[str] = None, plan_graph: Optional[str] = None,
-                 gate: bool = True, cuda_graph: bool = True):
+                 gate: bool = True, cuda_graph: bool = True, warm_start_keep_steps: int = 0):
         """`backend` torch | onnxruntime, `precision` fp32 | bf16 | fp16 (torch) | int8
         (onnxruntime): see dp_ros.policy.backends. Reduced precision is refused (ValueError)
         unless it passes the accuracy gate against fp32 (`gate=False` skips the check).
-        `warm_start_steps` 0 = cold start; see dp_ros.policy.warm_start."""
+        `warm_start_steps` 0 = cold start, `warm_start_keep_steps` how much of the running
+        plan a warm start keeps as it is; see dp_ros.policy.warm_start."""
         from .backends import check_backend
         from .backends.precision import accuracy_gate
 
@@ -95,6 +96,7 @@ class Policy:
         self.cache = FrameFeatureCache(capacity=4 * max(cfg.T_o, 1) * max(len(cfg.cameras), 1))
         self.generator = torch.Generator(device=device)
         self.warm_start_steps = warm_start_steps
+        self.warm_start_keep_steps = warm_start_keep_steps
         self.last_start_index = 0  # sampler step the last plan started from (0 = cold)
         self.cold_reason: Optional[str] = "warm start off"  # why the last plan started cold
         self._action_range = action_range(cfg)
@@ -135,6 +137,15 @@ class Policy:
     @warm_start_steps.setter
     def warm_start_steps(self, value: int) -> None:
         self._warm_start_steps = self.check_warm_start_steps(value)
+
+    @property
+    def warm_start_keep_steps(self) -> int:
+        return self._warm_start_keep_steps
+
+    @warm_start_keep_steps.setter
+    def warm_start_keep_steps(self, value: int) -> None:
+        from .warm_start import check_keep_steps
+        self._warm_start_keep_steps = check_keep_steps(value, self.config.T_o, self.config.T_p)
 
     @property
     def max_warm_start_steps(self) -> int:
@@ -207,7 +218,8 @@ class Policy:
         K - warm_start_steps, is denoised instead (fewer network calls); without them, or
         when nothing of the previous plan lies ahead, or the robot is not where the previous
         plan put it (``warm_start.departure``), the plan starts cold; ``cold_reason`` says
-        which (None after a warm start).
+        which (None after a warm start). A warm start keeps the previous plan as it is up to
+        ``warm_start_keep_steps`` steps from the stamp (``warm_start.kept_prefix``).
         """
         cfg = self.config
         self.check_observation(obs)
@@ -222,10 +234,10 @@ class Policy:
             if noise.shape != shape[1:]:
                 raise ValueError(f"noise has shape {noise.shape}, expected {shape[1:]}")
             x = torch.from_numpy(noise)[None].to(self.device)
-        start = 0
+        start, inpaint = 0, None
         self.cold_reason = "warm start off"
         if self._warm_start_steps and previous is not None and plan_stamp_ns is not None:
-            from .warm_start import departure, shift_plan
+            from .warm_start import departure, kept_prefix, shift_plan
             init = shift_plan(previous, plan_stamp_ns, cfg.dt, cfg.T_p)
             self.cold_reason = "nothing of the previous plan lies ahead" if init is None else \
                 departure(init, state[-1].cpu().numpy(), cfg.state_names, cfg.action_names,
@@ -234,10 +246,11 @@ class Policy:
                 start = len(self.sampler) - self._warm_start_steps
                 x0 = self.model.normalizer.normalize(
                     "action", torch.from_numpy(init)[None].to(self.device))
+                inpaint = kept_prefix(x0, x, cfg.T_o, self._warm_start_keep_steps)
                 x = self.sampler.add_noise_at(start, x0, x)
         self.last_start_index = start
         actions = self.engine.sample(None if feats is None else feats[None], state[None], x, start,
-                                     self.generator)
+                                     self.generator, inpaint=inpaint)
         return actions[0].float().cpu().numpy()
 
 

@@ -18,6 +18,7 @@ Conventions kept identical to diffusers on purpose, because imported checkpoints
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -106,6 +107,23 @@ class NoiseSchedule:
         raise ValueError(f"sampler kind must be 'ddim' or 'ddpm', got {kind!r}")
 
 
+@dataclass(frozen=True)
+class Inpaint:
+    """Entries of the sample held to known values while denoising (a warm start keeping
+    the part of the running plan that executes while the new one is computed): after
+    every step they are the known x0 diffused to that step's level with the noise that
+    started the sample, and x0 itself at the end. `mask` is bool, broadcastable to the
+    sample; `x0` and `noise` have its shape, normalised."""
+
+    mask: torch.Tensor
+    x0: torch.Tensor
+    noise: torch.Tensor
+
+    def apply(self, sampler: "Sampler", level: int, x: torch.Tensor) -> torch.Tensor:
+        known = self.x0 if level >= len(sampler) else sampler.add_noise_at(level, self.x0, self.noise)
+        return torch.where(self.mask, known, x)
+
+
 class Sampler:
     """Reverse process with every per-step coefficient precomputed as a (K,) tensor.
 
@@ -174,12 +192,14 @@ class Sampler:
 
     def run(self, model_fn: ModelFn, x: torch.Tensor, *, start_index: int = 0,
             variance_noise: Optional[torch.Tensor] = None,
-            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+            generator: Optional[torch.Generator] = None,
+            inpaint: Optional[Inpaint] = None) -> torch.Tensor:
         """Denoise x (at the noise level of step ``start_index``) down to x_0.
 
         ``variance_noise`` (K, *x.shape) is indexed by absolute step index; without it a
         DDPM step draws from ``generator`` (one draw per noisy step, in visiting order,
-        which reproduces diffusers' draws for the same generator state).
+        which reproduces diffusers' draws for the same generator state). ``inpaint`` holds
+        the entries it masks to its known values after every step.
         """
         n = len(self)
         if not 0 <= start_index < n:
@@ -191,6 +211,8 @@ class Sampler:
             out = model_fn(x, self.timesteps[k])
             noise = variance_noise[k] if variance_noise is not None and self.noisy[k] else None
             x = self.step(k, x, out, noise=noise, generator=generator)
+            if inpaint is not None:
+                x = inpaint.apply(self, k + 1, x)
         return x
 
 

@@ -15,6 +15,15 @@ FOLLOW_TOLERANCE of the action range (the executor was disabled, the arm was res
 pushed, a plan was rejected), the plan starts cold; otherwise a warm-start chain would
 carry one episode's mode into the next.
 
+Keeping the executing part (``kept_prefix``, the policy's warm_start_keep_steps N): while
+a plan is computed the executor still runs the previous one, and switches to the new plan
+a latency after its stamp. A new plan conditioned on the measured state starts where the
+arm is, which lags the command, so at the switch it lies off the running plan by that lag.
+With N > 0 the new plan's actions up to N - 1 steps after its stamp (and those before it)
+are held to the previous plan at every denoising step (inpainting, as in real-time
+chunking): the plan continues the running one exactly there and the denoiser fits the
+rest to that prefix. N should cover the latency plus the executor's actuation lead.
+
 No ROS here: the caller (PlanRunner) hands the previous plan and the new plan's stamp in.
 """
 
@@ -24,6 +33,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
+
+from .schedule import Inpaint
 
 FOLLOW_TOLERANCE = 0.1  # of the action range: well above tracking lag (v_max * latency)
 
@@ -94,3 +106,23 @@ def check_warm_start_steps(value: int, num_inference_steps: int) -> int:
         raise ValueError(f"warm_start_steps must be 0 (cold start) or 1..{num_inference_steps - 1} "
                          f"(fewer than the sampler's {num_inference_steps} steps), got {value}")
     return value
+
+
+def check_keep_steps(value: int, T_o: int, T_p: int) -> int:
+    """0 (nothing kept) or 1..T_p - T_o + 1 steps from the plan's stamp on."""
+    value = int(value)
+    if not 0 <= value <= T_p - T_o + 1:
+        raise ValueError(f"warm_start_keep_steps must be 0 (keep nothing) or 1..{T_p - T_o + 1} "
+                         f"(the plan's steps from its stamp on), got {value}")
+    return value
+
+
+def kept_prefix(x0: torch.Tensor, noise: torch.Tensor, T_o: int, keep_steps: int) -> Optional[Inpaint]:
+    """The Inpaint that holds a warm start's first T_o - 1 + keep_steps actions (the past
+    ones and `keep_steps` from the stamp on) to the shifted previous plan `x0` (1, T_p, A),
+    normalised, diffused with the sample's initial `noise`; None for keep_steps 0."""
+    if keep_steps <= 0:
+        return None
+    mask = torch.zeros((1, x0.shape[1], 1), dtype=torch.bool, device=x0.device)
+    mask[:, :T_o - 1 + keep_steps] = True
+    return Inpaint(mask, x0, noise)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..model import DiffusionPolicyModel
-from ..schedule import Sampler
+from ..schedule import Inpaint, Sampler
 
 MANIFEST = "manifest.json"
 FORMAT = "dp_ros-onnx/3"  # /2: U-Net convolutions as im2col MatMuls, Mish from Exp; /3: the
@@ -161,10 +161,13 @@ class OnnxEngine:
         return feeds
 
     def sample(self, feats: Optional[torch.Tensor], state: torch.Tensor, x: torch.Tensor,
-               start_index: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+               start_index: int, generator: Optional[torch.Generator],
+               inpaint: Optional[Inpaint] = None) -> torch.Tensor:
         feeds = self._feeds(feats, state)
         x = x.cpu()
-        if self.loop is not None and start_index == 0:
+        if inpaint is not None:
+            inpaint = Inpaint(inpaint.mask.cpu(), inpaint.x0.cpu(), inpaint.noise.cpu())
+        if self.loop is not None and start_index == 0 and inpaint is None:
             feeds["noise"] = np.ascontiguousarray(x.numpy(), dtype=np.float32)
             self.denoiser_calls += len(self.sampler)
             return torch.from_numpy(self.loop.run(None, feeds)[0])
@@ -183,5 +186,6 @@ class OnnxEngine:
                 feeds["timestep"] = np.asarray(t, dtype=np.int64).reshape(1)
             return torch.from_numpy(self.step.run(None, feeds)[0])
 
-        naction = self.sampler.run(fn, x, start_index=start_index, generator=generator)
+        naction = self.sampler.run(fn, x, start_index=start_index, generator=generator,
+                                   inpaint=inpaint)
         return self.model.normalizer.unnormalize("action", naction)

@@ -8,7 +8,8 @@ CUDA graph: the whole loop (conditioning, K - start_index network calls, sampler
 unnormalisation) is captured once per start index into static input/output buffers and
 replayed; a plan is three copies in, one replay, one copy out, instead of hundreds of
 kernel launches per denoising step. Used only for samplers that draw no noise inside the
-loop (DDIM); DDPM runs eagerly. Never measured on a GPU in this repository (see README).
+loop (DDIM); DDPM runs eagerly, and so does a warm start that keeps the running plan's
+prefix (``Inpaint``). Never measured on a GPU in this repository (see README).
 The U-Net's FiLM for the plan's steps is computed from the conditioning inside ``_eager``,
 so the graph captures it too and a replay recomputes it from the new inputs.
 """
@@ -20,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..model import DiffusionPolicyModel
-from ..schedule import Sampler
+from ..schedule import Inpaint, Sampler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,7 +61,7 @@ class TorchEngine:
 
     def _eager(self, feats: Optional[torch.Tensor], state: torch.Tensor, x: torch.Tensor,
                start_index: int, generator: Optional[torch.Generator],
-               count: bool = True) -> torch.Tensor:
+               count: bool = True, inpaint: Optional[Inpaint] = None) -> torch.Tensor:
         model, dtype = self.model, self.dtype
         cond = model.condition(feats, state)
         if model.cfg.head == "regression":
@@ -73,13 +74,15 @@ class TorchEngine:
                 self.denoiser_calls += 1
             return net(xk.to(dtype), t).float()
 
-        naction = self.sampler.run(fn, x, start_index=start_index, generator=generator)
+        naction = self.sampler.run(fn, x, start_index=start_index, generator=generator,
+                                   inpaint=inpaint)
         return model.normalizer.unnormalize("action", naction)
 
     def sample(self, feats: Optional[torch.Tensor], state: torch.Tensor, x: torch.Tensor,
-               start_index: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-        if not self.cuda_graph or self.model.cfg.head == "regression":
-            return self._eager(feats, state, x, start_index, generator)
+               start_index: int, generator: Optional[torch.Generator],
+               inpaint: Optional[Inpaint] = None) -> torch.Tensor:
+        if not self.cuda_graph or self.model.cfg.head == "regression" or inpaint is not None:
+            return self._eager(feats, state, x, start_index, generator, inpaint=inpaint)
         return self._replay(feats, state, x, start_index)
 
     def _replay(self, feats, state, x, start_index: int) -> torch.Tensor:
