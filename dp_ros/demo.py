@@ -301,7 +301,7 @@ def evaluate(policy: Path, episodes: int, label: str, params: Path, speed: float
                            speed=speed, time_limit=time_limit, domain_id=DEMO_DOMAIN,
                            overrides={"policy_node": {
                                "warm_start_steps": warm_start_steps,
-                               "warm_start_keep_steps": warm_start_keep_steps if warm_start_steps else 0}},
+                               "warm_start_keep_steps": warm_start_keep_steps}},
                            on_episode=lambda r: _say(episode_line(r)))
 
 
@@ -347,18 +347,19 @@ def run_demo(episodes: int = 20, policy: Optional[str] = None, fresh: bool = Fal
                 _say(f"[3/4] using cached {head} policy {ckpt} (--fresh retrains)")
             policies.append((f"{head} ({TRAIN_CONFIG})", ckpt))
     # the diffusion policy again with each warm start (the policy node's warm_start_steps)
-    runs = [(label, ckpt, 0) for label, ckpt in policies]
-    keeping = f", keep {warm_start_keep_steps}" if warm_start_keep_steps else ""
-    runs += [(f"{policies[0][0]}, warm start {n}{keeping}", policies[0][1], n)
-             for n in warm_start_steps if n > 0]
+    # (label, checkpoint, warm_start_steps, warm_start_keep_steps)
+    runs = [(label, ckpt, 0, 0) for label, ckpt in policies]
+    keep = warm_start_keep_steps
+    runs += [(f"{policies[0][0]}, warm start {n}" + (f", keep {keep}" if keep else ""),
+              policies[0][1], n, keep) for n in warm_start_steps if n > 0]
     _say(f"[4/4] closed-loop evaluation at up to {speed:g}x real time")
     results = []
-    for label, ckpt, warm in runs:
+    for label, ckpt, warm, kept in runs:
         res = evaluate(ckpt, episodes, label, params, speed, warm_start_steps=warm,
-                       warm_start_keep_steps=warm_start_keep_steps)
+                       warm_start_keep_steps=kept)
         results.append(res)
         stem = Path(ckpt).parent.name if Path(ckpt).name == "latest" else Path(ckpt).name
-        stem += (f"_warm{warm}" + (f"_keep{warm_start_keep_steps}" if warm_start_keep_steps else "")) if warm else ""
+        stem += (f"_warm{warm}" if warm else "") + (f"_keep{kept}" if kept else "")
         png = plot_paths(res, results_dir / f"{stem}_paths.png")
         shown = next((r for r in res.episodes if r.success), res.episodes[0])
         gif = write_gif(shown, results_dir / f"{stem}_episode.gif")
@@ -368,6 +369,6 @@ def run_demo(episodes: int = 20, policy: Optional[str] = None, fresh: bool = Fal
          "switches: episodes that changed sides after committing to one; plan ms: "
          "inference wall time per plan;\njump: largest change of the executor's commanded "
          "velocity at each plan switch)")
-    _say(summary_table(results, [label for label, _, _ in runs]))
+    _say(summary_table(results, [label for label, *_ in runs]))
     _say(f"\ndone in {time.monotonic() - started:.0f} s; cached in {cache}")
     return 0

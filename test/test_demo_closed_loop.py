@@ -91,7 +91,7 @@ def _evaluate(policy: Path, name: str, speed: float, episodes: int, overrides=No
                              time_limit=TIME_LIMIT, domain_id=fresh_domain_id(),
                              overrides=overrides)
     TIMINGS[f"closed loop {name}"] = time.monotonic() - t0
-    (policy.parent / "closed_loop.json").write_text(result.to_json())
+    (policy.parent / f"closed_loop_{name.replace(' ', '_')}.json").write_text(result.to_json())
     print(f"\n{name}:\n" + "\n".join(
         f"  seed {r.seed}: {'success' if r.success else 'FAILED'} {r.side} "
         f"{'' if r.time is None else f'{r.time:.1f} s'}"

@@ -61,7 +61,7 @@ from dp_ros.policy.backends import check_backend
 from dp_ros.policy.inference import resolve_device
 from dp_ros.policy.runner import LatencyStats, PlanJob, PlanOutcome, PlanRunner
 from dp_ros.policy.swap import LoadOutcome, PolicyLoader, SwapError, validate_swap
-from dp_ros.policy.warm_start import check_keep_steps
+from dp_ros.policy.warm_start import check_keep_steps, max_keep_steps
 from dp_ros.nodes.run import STARTUP_ERRORS, run_node
 
 NODE_NAME = "policy_node"
@@ -331,7 +331,7 @@ class PolicyNode(Node):
         # the node's warm start, within what the new policy's sampler allows
         policy.warm_start_steps = min(self._warm_start_steps, policy.max_warm_start_steps)
         policy.warm_start_keep_steps = min(self._warm_start_keep_steps,
-                                           policy.config.T_p - policy.config.T_o + 1)
+                                           max_keep_steps(policy.config.T_o, policy.config.T_p))
         with self._lock:
             self.active_path = loaded.path
             self.swap_status = "ok"
