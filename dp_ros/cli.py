@@ -64,13 +64,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.policy import run
         which = ("cnn", "transformer") if args.config == "both" else (args.config,)
         return run(iterations=args.iterations, device=args.device, which=which,
-                   backends=tuple(args.backend), precisions=tuple(args.precision),
+                   backends=tuple(args.backend or ["torch"]), precisions=tuple(args.precision),
                    warm_start_steps=tuple(args.warm_start_steps), compare=args.compare,
                    lerobot_venv=args.lerobot_venv, threads=args.threads)
     if args.what == "ros":
         from .bench.ros import run as run_ros
+        if args.backend and len(args.backend) > 1:
+            print("dp-ros bench ros: give one --backend (the policy node's)", file=sys.stderr)
+            return 2
         return run_ros(seconds=args.seconds, device=args.device,
-                       realtime_priority=args.realtime_priority)
+                       realtime_priority=args.realtime_priority,
+                       backend=(args.backend or ["onnxruntime"])[0])
     print(f"dp-ros bench: unknown benchmark {args.what!r}", file=sys.stderr)
     return 2
 
@@ -278,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seconds", type=float, default=30.0, help="ros: measurement time")
-    p.add_argument("--backend", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
-                   help="policy: inference backends to time (default torch)")
+    p.add_argument("--backend", nargs="+", choices=["torch", "onnxruntime"],
+                   help="policy: inference backends to time (default torch); ros: the policy "
+                   "node's backend (default onnxruntime, the faster one on a CPU)")
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16", "int8"],
                    default=["fp32"], help="policy: precisions to time where the backend offers "
                    "them (bf16/fp16: torch, int8: onnxruntime), with their accuracy vs fp32")
@@ -295,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: torch's)")
     p.add_argument("--realtime-priority", type=int, default=0, metavar="N",
                    help="ros: run the executor under SCHED_FIFO priority N and the "
-                        "aggregator 10 below (their realtime_priority parameter; needs "
-                        "CAP_SYS_NICE or rtprio)")
+                        "aggregator, the policy node and the sensor source 10 below (their "
+                        "realtime_priority parameter; needs CAP_SYS_NICE or rtprio)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("import", help="convert a LeRobot or diffusion_policy checkpoint into a "

@@ -17,6 +17,7 @@ keeps it from rescanning what start-up built.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from typing import Optional
@@ -41,12 +42,48 @@ def request_realtime(priority: int) -> Optional[str]:
     return None
 
 
+DDS_THREAD_PREFIX = "dds."  # Fast DDS names its threads dds.shm.<port>, dds.udp.<port>, ...
+
+
+def raise_threads(prefix: str, priority: int) -> list[str]:
+    """Put this process's threads named `prefix`... under SCHED_FIFO at `priority`; the names
+    of those raised. Linux only (/proc/self/task); threads that refuse are left as they are."""
+    raised = []
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks) or not hasattr(os, "sched_setscheduler"):
+        return raised
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/comm") as f:
+                name = f.read().strip()
+            if name.startswith(prefix):
+                os.sched_setscheduler(int(tid), os.SCHED_FIFO, os.sched_param(priority))
+                raised.append(name)
+        except OSError:  # the thread ended, or no permission
+            continue
+    return raised
+
+
 def ensure_normal_priority() -> None:
     """Drop the calling thread to SCHED_OTHER if it inherited a real-time policy."""
     if not hasattr(os, "sched_getscheduler"):
         return
     if os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR):
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+@contextlib.contextmanager
+def realtime_section(priority: int):
+    """Run the block under SCHED_FIFO at `priority` (when > 0 and permitted), then back to
+    normal: for the few hundred microseconds in which a normal-priority worker hands its
+    result on (publishing a plan), so the hand-over does not queue behind the work the
+    worker itself set going (inference threads still spinning down) or other processes."""
+    raised = priority > 0 and request_realtime(priority) is None
+    try:
+        yield
+    finally:
+        if raised:
+            ensure_normal_priority()
 
 
 def freeze_heap() -> None:

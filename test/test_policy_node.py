@@ -423,6 +423,38 @@ def test_corrupt_weights_fail_the_load_not_the_set(rig_factory, ckpts, offline):
     assert source_of(msg, window, stamp, offline) == "A" and rig.ids == ["A"]
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="Linux only")
+def test_realtime_priority_raises_the_spinning_thread_and_the_plan_publish_only(rig_factory):
+    from dp_ros.sched import request_realtime
+    from test_sched import in_thread
+
+    if not in_thread(lambda: request_realtime(7) is None):
+        pytest.skip("SCHED_FIFO not permitted here")
+    # built on a thread of its own (which the node raises), as `dp-ros up` builds it on the
+    # thread that then spins it; the rig's spinning thread inherits the priority
+    rig = in_thread(lambda: rig_factory(realtime_priority=7))
+    assert rig.node.realtime_priority == 7
+    assert os.sched_getscheduler(rig.thread.native_id) == os.SCHED_FIFO
+
+    publish_policies = []
+
+    class RecordingPublisher:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def publish(self, msg):
+            publish_policies.append(os.sched_getscheduler(0))
+            self.inner.publish(msg)
+    rig.node._plan_pub = RecordingPublisher(rig.node._plan_pub)
+    rig.plan_for(0)
+    rig.plan_for(1)
+    worker = rig.node.runner._thread
+    assert publish_policies == [os.SCHED_FIFO, os.SCHED_FIFO]  # the plan goes out at once
+    # and back to normal for inference (the plan may arrive before the worker has dropped)
+    wait_for(lambda: os.sched_getscheduler(worker.native_id) == os.SCHED_OTHER,
+             what="the worker back at normal priority")
+
+
 def test_bad_start_parameters_are_refused(ros_context, ckpts):
     base = {"policy_dir": str(ckpts), "device": "cpu"}
     for params, reason in [({"policy_path": ""}, "empty"),

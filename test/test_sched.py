@@ -12,7 +12,8 @@ import pytest
 
 from dp_ros.policy.runner import PlanJob, PlanRunner
 from dp_ros.policy.swap import PolicyLoader
-from dp_ros.sched import ensure_normal_priority, freeze_heap, request_realtime
+from dp_ros.sched import (ensure_normal_priority, freeze_heap, raise_threads, realtime_section,
+                          request_realtime)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="Linux only")
 
@@ -60,6 +61,65 @@ def test_realtime_applies_to_the_calling_thread_only_and_can_be_dropped():
     assert inherited == os.SCHED_FIFO  # why the inference threads must drop it themselves
     assert after == os.SCHED_OTHER
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # this (test) thread never changed
+
+
+def test_realtime_section_raises_the_block_only_and_runs_it_when_refused(monkeypatch):
+    import dp_ros.sched as sched
+
+    def body():
+        with realtime_section(0):
+            off = os.sched_getscheduler(0)
+        if request_realtime(10) is not None:
+            return off, None, None
+        ensure_normal_priority()
+        with realtime_section(10):
+            inside = os.sched_getscheduler(0)
+        return off, inside, os.sched_getscheduler(0)
+    off, inside, after = in_thread(body)
+    assert off == os.SCHED_OTHER
+    if inside is None:
+        pytest.skip("SCHED_FIFO not permitted here")
+    assert (inside, after) == (os.SCHED_FIFO, os.SCHED_OTHER)
+    # refused: the block still runs, at normal priority
+    monkeypatch.setattr(sched, "request_realtime", lambda p: "not permitted: test")
+    ran = []
+
+    def refused():
+        with realtime_section(10):
+            ran.append(os.sched_getscheduler(0))
+    in_thread(refused)
+    assert ran == [os.SCHED_OTHER]
+
+
+def test_raise_threads_puts_the_named_threads_of_this_process_under_fifo():
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_NAME = 15
+    ready, done = threading.Barrier(3), threading.Event()
+    tids = {}
+
+    def named(name: bytes):
+        if name:
+            libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+        tids[name] = threading.get_native_id()
+        ready.wait()
+        done.wait(30)
+    threads = [threading.Thread(target=named, args=(n,)) for n in (b"dds.test.1", b"")]
+    for t in threads:
+        t.start()
+    ready.wait()
+    try:
+        if not in_thread(lambda: request_realtime(5) is None):
+            pytest.skip("SCHED_FIFO not permitted here")
+        assert raise_threads("dds.test", 5) == ["dds.test.1"]
+        assert os.sched_getscheduler(tids[b"dds.test.1"]) == os.SCHED_FIFO
+        assert os.sched_getparam(tids[b"dds.test.1"]).sched_priority == 5
+        assert os.sched_getscheduler(tids[b""]) == os.SCHED_OTHER  # not named so
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    finally:
+        done.set()
+        for t in threads:
+            t.join(10)
 
 
 class _PolicyStub:

@@ -3,11 +3,13 @@
 Setup (every part its own process, on a ROS domain of the bench's own, localhost only):
 - source: 2 cameras 240x320 rgb8 at 30 Hz and 6-joint joint states at 500 Hz. Camera
   frames are stamped on the 30 Hz grid (every third one on a 10 Hz tick, like a camera
-  triggered in step with the observation clock) and published within ~2 ms of their stamp;
-  the source logs each frame's stamp and publish time.
-- obs_aggregator, policy_node (a small 2-camera policy so the run stays short; it replans
-  every 2 ticks, so plans do not queue behind a slow inference) and trajectory_executor (position_stream at 100 Hz), started by the same
-  machinery as `dp-ros up`.
+  triggered in step with the observation clock) and published by a timer due at the stamp;
+  the source logs each frame's stamp and publish time. It stands in for the drivers: with
+  --realtime-priority it runs at the aggregator's priority, as drivers do.
+- obs_aggregator, policy_node (a small 2-camera policy so the run stays short, on
+  onnxruntime by default, the faster CPU backend; it replans every 2 ticks) and
+  trajectory_executor (position_stream at 100 Hz), started by the same machinery as
+  `dp-ros up`.
 - this process: a recorder subscribed to the plans, the commands, the windows and
   /diagnostics, using each message's DDS source timestamp (its publish time).
 
@@ -56,11 +58,13 @@ CONTROL_PERIOD_NS = 10_000_000      # executor at 100 Hz
 COMMAND_TOPIC = "/bench/commands"
 TARGET_OVERHEAD_P99_MS = 5.0
 TARGET_JITTER_P99_MS = 1.0
-AGGREGATOR_PRIORITY_BELOW = 10  # the control loop comes first
+PIPELINE_PRIORITY_BELOW = 10  # the control loop comes first
 
 
-def aggregator_priority(executor_priority: int) -> int:
-    return max(executor_priority - AGGREGATOR_PRIORITY_BELOW, 1) if executor_priority > 0 else 0
+def pipeline_priority(executor_priority: int) -> int:
+    """The priority of the aggregator, the policy node's spinning thread and the sensor
+    source: PIPELINE_PRIORITY_BELOW under the executor's."""
+    return max(executor_priority - PIPELINE_PRIORITY_BELOW, 1) if executor_priority > 0 else 0
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -93,10 +97,12 @@ def write_bench_policy(directory: Path) -> Path:
     return directory
 
 
-def bench_parameters(policy_path: Path, device: str, realtime_priority: int = 0) -> dict:
+def bench_parameters(policy_path: Path, device: str, realtime_priority: int = 0,
+                     backend: str = "onnxruntime") -> dict:
     """The nodes' parameters; with `realtime_priority` the executor runs at it and the
-    aggregator AGGREGATOR_PRIORITY_BELOW lower, as in config/real_arm_template.yaml: at one
-    priority the aggregator's image work, never preempted, held up the control loop."""
+    aggregator and the policy node's spinning thread PIPELINE_PRIORITY_BELOW lower, as in
+    config/real_arm_template.yaml: at one priority the aggregator's image work, never
+    preempted, held up the control loop."""
     return {
         "obs_aggregator": {"ros__parameters": {
             "camera_names": list(CAMERAS),
@@ -105,10 +111,11 @@ def bench_parameters(policy_path: Path, device: str, realtime_priority: int = 0)
             "joint_states_topic": "/bench/joint_states", "state_joint_names": list(JOINTS),
             "rate_hz": 10.0, "T_o": 2, "camera_staleness": 0.1, "state_staleness": 0.02,
             "tick_delay": 0.01,  # built as soon as the frame stamped on the tick is in
-            "realtime_priority": aggregator_priority(realtime_priority)}},
+            "realtime_priority": pipeline_priority(realtime_priority)}},
         "policy_node": {"ros__parameters": {
             "policy_path": str(policy_path), "device": device, "joint_names": list(JOINTS),
-            "replan_every": 2, "diagnostics_period": 0.02}},
+            "replan_every": 2, "diagnostics_period": 0.02, "backend": backend,
+            "realtime_priority": pipeline_priority(realtime_priority)}},
         "trajectory_executor": {"ros__parameters": {
             "joint_names": list(JOINTS), "joint_states_topic": "/bench/joint_states",
             "output_mode": "position_stream", "command_topic": COMMAND_TOPIC,
@@ -121,24 +128,34 @@ def bench_parameters(policy_path: Path, device: str, realtime_priority: int = 0)
 # ----------------------------------------------------------------------------- the source
 
 def run_source(log_path: str, height: int = RAW_H, width: int = RAW_W,
-               cameras: tuple[str, ...] = CAMERAS, joints: tuple[str, ...] = JOINTS) -> int:
-    """The sensor process: joint states at 500 Hz; a camera frame (height x width rgb8)
-    whenever the 30 Hz grid advances (checked at every joint-state step, so it goes out
-    within ~2 ms of its stamp). Runs until SIGINT/SIGTERM, then writes
+               cameras: tuple[str, ...] = CAMERAS, joints: tuple[str, ...] = JOINTS,
+               realtime_priority: int = 0) -> int:
+    """The sensor process: joint states at 500 Hz and camera frames (height x width rgb8)
+    stamped on the 30 Hz grid, each on a timer of its own: the camera timer is re-armed for
+    the next grid time, so a frame goes out as soon after its stamp as the executor wakes,
+    like a driver that publishes on exposure. With `realtime_priority` > 0 it spins under
+    SCHED_FIFO, as hardware drivers do. Runs until SIGINT/SIGTERM, then writes
     {camera: [[stamp_ns, publish_ns], ...]}."""
     import rclpy
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import qos_profile_sensor_data
     from rclpy.signals import SignalHandlerOptions
     from sensor_msgs.msg import Image, JointState
 
+    from dp_ros.nodes.run import process_executor
     from dp_ros.nodes.window_msgs import ns_to_stamp
+    from dp_ros.sched import DDS_THREAD_PREFIX, raise_threads, request_realtime
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node("bench_source")
+    if realtime_priority > 0:  # before the executor, whose threads inherit it
+        refused = request_realtime(realtime_priority)
+        if refused:
+            node.get_logger().warning(f"source at normal priority: {refused}")
+        else:
+            raise_threads(DDS_THREAD_PREFIX, realtime_priority)
     cam_pubs = {c: node.create_publisher(Image, f"/bench/{c}/image_raw", qos_profile_sensor_data)
                 for c in cameras}
     js_pub = node.create_publisher(JointState, "/bench/joint_states", 10)
@@ -150,27 +167,44 @@ def run_source(log_path: str, height: int = RAW_H, width: int = RAW_W,
         msg.header.frame_id = c
         images[c] = msg
     js = JointState(name=list(joints))
+    phases = np.arange(len(joints), dtype=np.float64)
     log: dict[str, list[list[int]]] = {c: [] for c in cameras}
-    last_slot = [None]
     clock = node.get_clock()
 
-    def step():
+    def joint_state():
         now = clock.now().nanoseconds
         js.header.stamp = ns_to_stamp(now)
         t = (now % 10_000_000_000) * 1e-9
-        js.position = [0.3 * np.sin(0.5 * t + i) for i in range(len(joints))]
+        js.position = 0.3 * np.sin(0.5 * t + phases)
         js_pub.publish(js)
-        slot = int(now // CAMERA_PERIOD_NS)
-        if slot != last_slot[0]:
+
+    def slot_stamp(slot: int) -> int:
+        return slot * 100_000_000 // 3  # exact on every third slot = a tick
+
+    def frame_slot(now_ns: int) -> int:
+        """The newest slot whose stamp is at or before `now_ns` (integers: a timer that
+        fires exactly at a stamp publishes that frame)."""
+        return (3 * now_ns + 2) // 100_000_000
+
+    last_slot = [frame_slot(clock.now().nanoseconds)]
+
+    def frames():
+        now = clock.now().nanoseconds
+        slot = frame_slot(now)
+        if slot != last_slot[0]:  # a timer a whole period late skips the missed frames
             last_slot[0] = slot
-            stamp = int(slot * 100_000_000 // 3)  # exact on every third slot = a tick
+            stamp = slot_stamp(slot)
             for c, msg in images.items():
                 msg.header.stamp = ns_to_stamp(stamp)
                 cam_pubs[c].publish(msg)
                 log[c].append([stamp, clock.now().nanoseconds])
+        due = slot_stamp(last_slot[0] + 1)
+        camera_timer.timer_period_ns = max(due - clock.now().nanoseconds, 100_000)
+        camera_timer.reset()
 
-    node.create_timer(JOINT_STATE_PERIOD, step)
-    executor = SingleThreadedExecutor()
+    node.create_timer(JOINT_STATE_PERIOD, joint_state)
+    camera_timer = node.create_timer(CAMERA_PERIOD_NS * 1e-9, frames)
+    executor = process_executor()  # the cheapest to spin: a driver's CPU is not ours to spend
     executor.add_node(node)
     try:
         while not stop.is_set():
@@ -459,23 +493,25 @@ class Pipeline:
 
 
 def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
-        domain_id: Optional[int] = None, realtime_priority: int = 0) -> int:
+        domain_id: Optional[int] = None, realtime_priority: int = 0,
+        backend: str = "onnxruntime") -> int:
     with tempfile.TemporaryDirectory(prefix="dp_ros_bench_") as tmp:
         tmp_path = Path(tmp)
         rt = "normal scheduling"
         if realtime_priority:
-            rt = (f"executor at SCHED_FIFO {realtime_priority}, aggregator at "
-                  f"{aggregator_priority(realtime_priority)}")
-        print(f"bench ros: policy on {device}, {rt}; writing a small 2-camera policy ...",
-              flush=True)
+            rt = (f"executor at SCHED_FIFO {realtime_priority}; aggregator, policy node and "
+                  f"source at {pipeline_priority(realtime_priority)}")
+        print(f"bench ros: policy on {device} ({backend}), {rt}; writing a small 2-camera "
+              "policy ...", flush=True)
         policy = write_bench_policy(tmp_path / "policy")
         frame_log = tmp_path / "frames.json"
         load_before = os.getloadavg()[0]
         rec = Recorder()
         try:
-            params = bench_parameters(policy, device, realtime_priority)
-            with Pipeline(tmp_path, params, source_command(frame_log), rec.attach,
-                          domain_id) as pipe:
+            params = bench_parameters(policy, device, realtime_priority, backend)
+            source = source_command(frame_log,
+                                    realtime_priority=pipeline_priority(realtime_priority))
+            with Pipeline(tmp_path, params, source, rec.attach, domain_id) as pipe:
                 print(f"ROS domain {pipe.domain} (localhost only); waiting for the first "
                       "plans ...", flush=True)
                 pipe.wait(lambda: len(rec.plans) >= 5, 180.0, "plans")
@@ -506,17 +542,17 @@ def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
 
 
 def source_command(frame_log: Path, height: int = RAW_H, width: int = RAW_W,
-                   cameras: tuple[str, ...] = CAMERAS, joints: tuple[str, ...] = JOINTS
-                   ) -> list[str]:
+                   cameras: tuple[str, ...] = CAMERAS, joints: tuple[str, ...] = JOINTS,
+                   realtime_priority: int = 0) -> list[str]:
     return [sys.executable, "-m", "dp_ros.bench.ros", "source", str(frame_log), str(height),
-            str(width), ",".join(cameras), ",".join(joints)]
+            str(width), ",".join(cameras), ",".join(joints), str(realtime_priority)]
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 6 and argv[0] == "source":
+    if len(argv) == 7 and argv[0] == "source":
         return run_source(argv[1], int(argv[2]), int(argv[3]), tuple(argv[4].split(",")),
-                          tuple(argv[5].split(",")))
-    print("usage: python -m dp_ros.bench.ros source FRAME_LOG H W CAMS JOINTS  "
+                          tuple(argv[5].split(",")), int(argv[6]))
+    print("usage: python -m dp_ros.bench.ros source FRAME_LOG H W CAMS JOINTS PRIORITY  "
           "(use `dp-ros bench ros`)", file=sys.stderr)
     return 2
 

@@ -17,7 +17,10 @@ ReplanScheduler: every ``replan_every`` steps, early by the measured plan latenc
 ``latency_margin``); inference runs on the PlanRunner's worker thread, which publishes
 the plan. A due window that arrives while inference runs replaces the waiting one
 (counted as dropped). Loads run on the PolicyLoader's thread; the worker installs the new
-policy between two plans.
+policy between two plans. With ``realtime_priority`` the spinning thread (and the DDS
+threads) run under SCHED_FIFO, so windows are taken in and handed over at once however
+busy inference keeps the CPUs; the worker and loader threads stay at normal priority, and
+the worker rises to the node's priority only to publish a finished plan.
 
 Noise: with ``seed`` >= 0 each plan's noise is a function of (seed, plan stamp), see
 dp_ros.policy.seeding, so offline evaluation reproduces the node's plans; -1 = random.
@@ -52,6 +55,7 @@ from dp_ros.control.plan import plan_from_actions
 from dp_ros.control.replan import ReplanScheduler
 from dp_ros.nodes.diagnostics import ERROR, OK, WARN, CauseLog, DiagnosticsPublisher, make_status
 from dp_ros.nodes.params import float_range, int_range
+from dp_ros.nodes.realtime import REALTIME_PARAMETER, apply_realtime_priority
 from dp_ros.nodes.trajectory_conv import plan_to_trajectory
 from dp_ros.nodes.window_msgs import (STATE_PART, WINDOW_QOS, WindowFormatError, WindowJoiner,
                                       decode_window, window_image_topic,
@@ -63,6 +67,7 @@ from dp_ros.policy.runner import LatencyStats, PlanJob, PlanOutcome, PlanRunner
 from dp_ros.policy.swap import LoadOutcome, PolicyLoader, SwapError, validate_swap
 from dp_ros.policy.warm_start import check_keep_steps, max_keep_steps
 from dp_ros.nodes.run import STARTUP_ERRORS, run_node
+from dp_ros.sched import realtime_section
 
 NODE_NAME = "policy_node"
 PLAN_QOS = QoSProfile(depth=4, reliability=ReliabilityPolicy.RELIABLE)
@@ -130,6 +135,7 @@ PARAMETERS = {
                     "measured. Cover the plan latency plus the executor's actuation_lead "
                     "(N >= (latency + lead) / dt + 1). 0 = keep nothing",
         integer_range=int_range(0, 1000))),
+    **REALTIME_PARAMETER,
 }
 
 
@@ -183,6 +189,7 @@ class PolicyNode(Node):
         self.swap_last_error = ""
         self._last_plan_error: Optional[str] = None
         self.scheduler = self._make_scheduler(cfg)
+        self.realtime_priority = 0  # set last (see below); the worker publishes at it
 
         self._plan_pub = self.create_publisher(JointTrajectory, "~/plan", PLAN_QOS)
         self._id_pub = self.create_publisher(String, "~/policy_id", LATCHED_QOS)
@@ -208,6 +215,8 @@ class PolicyNode(Node):
                                                  p["diagnostics_period"])
         self._publish_policy_id(policy)
         self.runner.start()
+        # last: the threads started above (inference, loading) stay at normal priority
+        self.realtime_priority = apply_realtime_priority(self, p["realtime_priority"])
         self.get_logger().info(
             f"policy {policy.policy_id!r} from {self.active_path} on {policy.device}: "
             f"cameras {cfg.camera_names}, T_o={cfg.T_o} T_p={cfg.T_p} T_a={cfg.T_a} "
@@ -299,10 +308,10 @@ class PolicyNode(Node):
             self.plan_problems.report(outcome.policy_id, cause, detail)
             return
         cfg = outcome.config
-        plan = plan_from_actions(outcome.job.plan_stamp_ns, outcome.actions, cfg.T_o, cfg.dt,
-                                 self.joint_names)
-        msg = plan_to_trajectory(plan)
-        self._plan_pub.publish(msg)
+        with realtime_section(self.realtime_priority):  # the plan goes out at once
+            plan = plan_from_actions(outcome.job.plan_stamp_ns, outcome.actions, cfg.T_o,
+                                     cfg.dt, self.joint_names)
+            self._plan_pub.publish(plan_to_trajectory(plan))
         age = (self.get_clock().now().nanoseconds - outcome.job.plan_stamp_ns) * 1e-9
         plausible = 0.0 <= age <= PLAUSIBLE_AGE
         if plausible:
