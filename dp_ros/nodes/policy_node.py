@@ -312,7 +312,8 @@ class PolicyNode(Node):
             plan = plan_from_actions(outcome.job.plan_stamp_ns, outcome.actions, cfg.T_o,
                                      cfg.dt, self.joint_names)
             self._plan_pub.publish(plan_to_trajectory(plan))
-        age = (self.get_clock().now().nanoseconds - outcome.job.plan_stamp_ns) * 1e-9
+            published_ns = self.get_clock().now().nanoseconds  # before anything can delay it
+        age = (published_ns - outcome.job.plan_stamp_ns) * 1e-9
         plausible = 0.0 <= age <= PLAUSIBLE_AGE
         if plausible:
             self.plan_age.add(age)
