@@ -48,3 +48,17 @@ def test_a_plan_the_diagnostics_do_not_describe_is_left_out():
     r = analyse(rec, {"cam0": [[S, S + MS]]}, S - MS, S + 1_000 * MS)
     assert len(r.overhead_ms) == 0
     assert report(r).count("nan") >= 2  # no samples: reported as such, not as zeros
+
+
+def test_plans_are_matched_to_diagnostics_when_the_recorder_missed_the_first_ones():
+    # the policy node published 9 plans before the recorder matched it; each plan's age
+    # (stamp -> published) tells which diagnostics entry is its own
+    ages = [0.30 + 0.01 * k for k in range(20)]
+    diag = [(n, 0.25, ages[n - 1], 0.0) for n in range(1, 21) for _ in range(2)]
+    plans = [(S + k * 100 * MS, S + k * 100 * MS + int(ages[k] * 1e9), 0) for k in range(9, 20)]
+    frames = {"cam0": [[S + k * 100 * MS, S + k * 100 * MS + MS] for k in range(20)]}
+    rec = SimpleNamespace(lock=threading.Lock(), plans=plans, windows={}, diagnostics=diag,
+                          commands=[])
+    r = analyse(rec, frames, S, S + 10_000 * MS)
+    assert len(r.overhead_ms) == 11
+    np.testing.assert_allclose(r.overhead_ms, [(a - 0.25) * 1e3 for a in ages[9:]], atol=1e-6)

@@ -326,12 +326,13 @@ def analyse(rec: Recorder, frames: dict[str, list[list[int]]], t_start: int, t_e
         diag = list(rec.diagnostics)
     per_plan = inference_per_plan(diag)
     # plan n of the diagnostics is the n-th plan published; if the recorder matched the
-    # policy node only after its first plan(s), find that offset from the plan ages
+    # policy node only after its first plan(s) (a slow start can take several), find that
+    # offset from the plan ages
     def consistent(offset: int) -> int:
         return sum(1 for i, (stamp, pub, _) in enumerate(plans)
                    if (i + 1 + offset) in per_plan
                    and abs((pub - stamp) * 1e-9 - per_plan[i + 1 + offset][1]) <= 0.005)
-    offset = max(range(6), key=consistent)
+    offset = max(range(max(per_plan, default=0) + 1), key=consistent)
     frame_arr = {c: np.array(v, dtype=np.int64).reshape(-1, 2) for c, v in frames.items()}
     overhead, cam_tick, agg, cam_pub, pol, inf, wait = [], [], [], [], [], [], []
     for n, (stamp, pub, _) in enumerate(plans, start=1 + offset):
