@@ -11,6 +11,11 @@ that starts them, so threads doing heavy work (inference, loading) drop back to 
 priority at their start with ``ensure_normal_priority``: a real-time inference thread could
 starve the whole machine.
 
+Messages reach a node through its process's DDS threads, which the middleware starts at
+normal priority: ``raise_threads`` puts them under SCHED_FIFO too. A normal-priority
+worker that must hand a result on at once (the policy node publishing a plan) does so in a
+``realtime_section``.
+
 The garbage collector pauses every thread of a process, real-time or not: ``freeze_heap``
 keeps it from rescanning what start-up built.
 """

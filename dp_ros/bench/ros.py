@@ -141,21 +141,16 @@ def run_source(log_path: str, height: int = RAW_H, width: int = RAW_W,
     from rclpy.signals import SignalHandlerOptions
     from sensor_msgs.msg import Image, JointState
 
+    from dp_ros.nodes.realtime import apply_realtime_priority
     from dp_ros.nodes.run import process_executor
     from dp_ros.nodes.window_msgs import ns_to_stamp
-    from dp_ros.sched import DDS_THREAD_PREFIX, raise_threads, request_realtime
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node("bench_source")
-    if realtime_priority > 0:  # before the executor, whose threads inherit it
-        refused = request_realtime(realtime_priority)
-        if refused:
-            node.get_logger().warning(f"source at normal priority: {refused}")
-        else:
-            raise_threads(DDS_THREAD_PREFIX, realtime_priority)
+    apply_realtime_priority(node, realtime_priority)  # before the executor: its threads inherit
     cam_pubs = {c: node.create_publisher(Image, f"/bench/{c}/image_raw", qos_profile_sensor_data)
                 for c in cameras}
     js_pub = node.create_publisher(JointState, "/bench/joint_states", 10)

@@ -17,8 +17,8 @@ ReplanScheduler: every ``replan_every`` steps, early by the measured plan latenc
 ``latency_margin``); inference runs on the PlanRunner's worker thread, which publishes
 the plan. A due window that arrives while inference runs replaces the waiting one
 (counted as dropped). Loads run on the PolicyLoader's thread; the worker installs the new
-policy between two plans. With ``realtime_priority`` the spinning thread (and the DDS
-threads) run under SCHED_FIFO, so windows are taken in and handed over at once however
+policy between two plans. With ``realtime_priority`` the spinning thread (its DDS threads
+one below) runs under SCHED_FIFO, so windows are taken in and handed over at once however
 busy inference keeps the CPUs; the worker and loader threads stay at normal priority, and
 the worker rises to the node's priority only to publish a finished plan.
 

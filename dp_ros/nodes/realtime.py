@@ -22,8 +22,9 @@ REALTIME_PARAMETER = {"realtime_priority": (0, ParameterDescriptor(
 def apply_realtime_priority(node: Node, priority: int) -> int:
     """When `priority` > 0, run the calling thread (the one that constructs and then spins
     the node) under SCHED_FIFO, and the process's DDS threads one priority below it: a
-    message for the node must not wait behind inference to be delivered. Returns the priority in effect (0 = normal
-    scheduling); a refusal is logged as a warning, never fatal."""
+    message for the node must not wait behind inference to be delivered. Returns the
+    priority in effect (0 = normal scheduling); a refusal is logged as a warning, never
+    fatal."""
     if priority <= 0:
         return 0
     refused = request_realtime(priority)
