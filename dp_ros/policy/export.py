@@ -510,13 +510,15 @@ def export_policy(policy, out_dir: str | Path, *, int8: bool = False,
 
 
 def cached_onnx_dir(policy, int8: bool = False, root: Optional[Path] = None,
-                    log: Callable[[str], None] = lambda _msg: None) -> Path:
+                    log: Callable[[str], None] = lambda _msg: None,
+                    digest: Optional[str] = None) -> Path:
     """The export of this policy's fp32 weights in the user cache, written (and checked,
-    and with `int8` quantized and gated) on first use, and again after a format change."""
+    and with `int8` quantized and gated) on first use, and again after a format change.
+    `digest`: model_digest(policy.model) when the caller has it (hashing reads every weight)."""
     from ..paths import cache_dir
     from .backends.onnx_backend import read_manifest
 
-    digest = model_digest(policy.model)
+    digest = digest or model_digest(policy.model)
     d = (root or cache_dir() / "onnx") / digest
     try:
         manifest = read_manifest(d)

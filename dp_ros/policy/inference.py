@@ -120,9 +120,10 @@ class Policy:
             return TorchEngine(self.model, self.sampler, self.device, precision, cuda_graph)
         from .backends.onnx_backend import OnnxEngine
         from .export import cached_onnx_dir, model_digest
+        digest = model_digest(self.model)  # once: it reads every weight
         if onnx_dir is None:
-            onnx_dir = cached_onnx_dir(self, int8=precision == "int8")
-        return OnnxEngine(self.model, self.sampler.to("cpu"), onnx_dir, model_digest(self.model),
+            onnx_dir = cached_onnx_dir(self, int8=precision == "int8", digest=digest)
+        return OnnxEngine(self.model, self.sampler.to("cpu"), onnx_dir, digest,
                           precision=precision, device=self.device.type, plan_graph=plan_graph,
                           require_gate=gate)
 
