@@ -91,6 +91,25 @@ def realtime_section(priority: int):
             ensure_normal_priority()
 
 
+@contextlib.contextmanager
+def normal_priority_section():
+    """Run the block at normal priority, then give the calling thread its real-time policy
+    back. Thread pools made in the block (torch's, onnxruntime's: made while a policy
+    loads) inherit normal priority even when the caller is under SCHED_FIFO, as when
+    `dp-ros up --single-process` builds every node on the thread the aggregator raised:
+    real-time inference threads could starve the machine."""
+    policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
+    if policy not in (getattr(os, "SCHED_FIFO", None), getattr(os, "SCHED_RR", None)):
+        yield
+        return
+    param = os.sched_getparam(0)
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, policy, param)  # permitted: the thread had it
+
+
 def freeze_heap() -> None:
     """Collect once, then exclude every object that exists now from later collections.
 

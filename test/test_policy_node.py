@@ -455,6 +455,40 @@ def test_realtime_priority_raises_the_spinning_thread_and_the_plan_publish_only(
              what="the worker back at normal priority")
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="Linux only")
+def test_a_node_built_on_a_realtime_thread_loads_its_policy_at_normal_priority(
+        ros_context, ckpts, monkeypatch):
+    # `dp-ros up --single-process` builds every node on one thread, which the aggregator
+    # raises first: the thread pools a policy load makes must not inherit SCHED_FIFO
+    import dp_ros.nodes.policy_node as policy_node_module
+    from dp_ros.sched import ensure_normal_priority, request_realtime
+    from test_sched import in_thread
+
+    seen = []
+
+    def recording_load(*args, **kwargs):
+        seen.append(os.sched_getscheduler(0))
+        return load_policy(*args, **kwargs)
+    monkeypatch.setattr(policy_node_module, "load_policy", recording_load)
+
+    def body():
+        if request_realtime(9) is not None:
+            return None
+        node = PolicyNode(context=ros_context, parameter_overrides=[
+            Parameter("policy_path", value=str(ckpts / "A")),
+            Parameter("policy_dir", value=str(ckpts)), Parameter("device", value="cpu")])
+        try:
+            return os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+        finally:
+            node.destroy_node()
+            ensure_normal_priority()
+    after = in_thread(body)
+    if after is None:
+        pytest.skip("SCHED_FIFO not permitted here")
+    assert seen == [os.SCHED_OTHER]
+    assert after == (os.SCHED_FIFO, 9)  # the thread's own priority given back
+
+
 def test_bad_start_parameters_are_refused(ros_context, ckpts):
     base = {"policy_dir": str(ckpts), "device": "cpu"}
     for params, reason in [({"policy_path": ""}, "empty"),

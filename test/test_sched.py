@@ -12,8 +12,8 @@ import pytest
 
 from dp_ros.policy.runner import PlanJob, PlanRunner
 from dp_ros.policy.swap import PolicyLoader
-from dp_ros.sched import (ensure_normal_priority, freeze_heap, raise_threads, realtime_section,
-                          request_realtime)
+from dp_ros.sched import (ensure_normal_priority, freeze_heap, normal_priority_section,
+                          raise_threads, realtime_section, request_realtime)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="Linux only")
 
@@ -89,6 +89,22 @@ def test_realtime_section_raises_the_block_only_and_runs_it_when_refused(monkeyp
             ran.append(os.sched_getscheduler(0))
     in_thread(refused)
     assert ran == [os.SCHED_OTHER]
+
+
+def test_normal_priority_section_lowers_a_realtime_thread_and_gives_its_priority_back():
+    def body():
+        with normal_priority_section():  # a normal thread: nothing to do
+            plain = os.sched_getscheduler(0)
+        realtime_or_skip(12)
+        with normal_priority_section():
+            inside = os.sched_getscheduler(0)
+            started = in_thread(lambda: os.sched_getscheduler(0))  # e.g. a thread pool
+        after = os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+        ensure_normal_priority()
+        return plain, inside, started, after
+    plain, inside, started, after = in_thread(body)
+    assert plain == inside == started == os.SCHED_OTHER
+    assert after == (os.SCHED_FIFO, 12)
 
 
 def test_raise_threads_puts_the_named_threads_of_this_process_under_fifo():

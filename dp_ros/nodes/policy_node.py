@@ -67,7 +67,7 @@ from dp_ros.policy.runner import LatencyStats, PlanJob, PlanOutcome, PlanRunner
 from dp_ros.policy.swap import LoadOutcome, PolicyLoader, SwapError, validate_swap
 from dp_ros.policy.warm_start import check_keep_steps, max_keep_steps
 from dp_ros.nodes.run import STARTUP_ERRORS, run_node
-from dp_ros.sched import realtime_section
+from dp_ros.sched import normal_priority_section, realtime_section
 
 NODE_NAME = "policy_node"
 PLAN_QOS = QoSProfile(depth=4, reliability=ReliabilityPolicy.RELIABLE)
@@ -157,8 +157,9 @@ class PolicyNode(Node):
         self._warm_start_steps = int(p["warm_start_steps"])
         self._warm_start_keep_steps = int(p["warm_start_keep_steps"])
         try:
-            policy = load_policy(os.path.realpath(p["policy_path"]), device=self.device,
-                                 seed=None if seed < 0 else seed, **self._inference_options)
+            with normal_priority_section():  # the pools a load makes must not inherit FIFO
+                policy = load_policy(os.path.realpath(p["policy_path"]), device=self.device,
+                                     seed=None if seed < 0 else seed, **self._inference_options)
         except CheckpointError as err:
             raise ValueError(f"policy_path: {err}") from None
         try:
