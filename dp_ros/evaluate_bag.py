@@ -422,8 +422,8 @@ def run(bags: Sequence[str], policy_path: str, config: str, seed: int = 0,
     cfg = policy.config
     try:
         check_policy(cfg, obs, act)
-        if replan_every is not None and not 1 <= replan_every <= cfg.T_p - cfg.T_o + 1:
-            raise ParamsError(f"--replan-every must be in [1, {cfg.T_p - cfg.T_o + 1}]")
+        if replan_every is not None and not 1 <= replan_every <= cfg.executable_horizon:
+            raise ParamsError(f"--replan-every must be in [1, {cfg.executable_horizon}]")
     except ParamsError as err:
         return fail(f"{policy_path}: {err}")
     T_a = int(replan_every or cfg.T_a)

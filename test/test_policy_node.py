@@ -275,7 +275,7 @@ def test_plans_follow_the_contract_and_reproduce_offline(rig_factory, offline):
         expected = offline_plan(offline["A"], window, stamp_ns)
         assert msg.joint_names == JOINTS
         assert time_to_ns(msg.header.stamp) == stamp_ns  # newest observation of the window
-        n = cfg.T_p - cfg.T_o + 1
+        n = cfg.executable_horizon
         assert len(msg.points) == n
         assert [duration_to_ns(p.time_from_start) for p in msg.points] == \
             [k * DT_NS for k in range(n)]

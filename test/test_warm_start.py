@@ -105,10 +105,10 @@ def test_warm_plan_denoises_the_shifted_previous_plan_with_fewer_calls(cfg, mode
 
 
 def test_keep_steps_are_validated_with_the_reason(cfg, model):
-    assert check_keep_steps(0, 2, 8) == 0 and check_keep_steps(7, 2, 8) == 7
+    assert check_keep_steps(0, 7) == 0 and check_keep_steps(7, 7) == 7
     for bad in (-1, 8):
         with pytest.raises(ValueError, match="warm_start_keep_steps must be 0"):
-            check_keep_steps(bad, 2, 8)
+            check_keep_steps(bad, 7)
     with pytest.raises(ValueError, match="warm_start_keep_steps"):
         Policy(cfg, model, torch.device("cpu"), warm_start_steps=3, warm_start_keep_steps=99)
 

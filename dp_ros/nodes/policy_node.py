@@ -65,7 +65,7 @@ from dp_ros.policy.backends import check_backend
 from dp_ros.policy.inference import resolve_device
 from dp_ros.policy.runner import LatencyStats, PlanJob, PlanOutcome, PlanRunner
 from dp_ros.policy.swap import LoadOutcome, PolicyLoader, SwapError, validate_swap
-from dp_ros.policy.warm_start import check_keep_steps, max_keep_steps
+from dp_ros.policy.warm_start import check_keep_steps
 from dp_ros.nodes.run import STARTUP_ERRORS, run_node
 from dp_ros.sched import normal_priority_section, realtime_section
 
@@ -228,7 +228,7 @@ class PolicyNode(Node):
 
     @staticmethod
     def _check_replan_every(value: int, cfg: PolicyConfig) -> None:
-        horizon = cfg.T_p - cfg.T_o + 1
+        horizon = cfg.executable_horizon
         if not 0 <= value <= horizon:
             raise ValueError(f"replan_every must be 0 (= T_a) or 1..{horizon} (T_p - T_o + 1 "
                              f"of the running policy), got {value}")
@@ -342,7 +342,7 @@ class PolicyNode(Node):
         # the node's warm start, within what the new policy's sampler allows
         policy.warm_start_steps = min(self._warm_start_steps, policy.max_warm_start_steps)
         policy.warm_start_keep_steps = min(self._warm_start_keep_steps,
-                                           max_keep_steps(policy.config.T_o, policy.config.T_p))
+                                           policy.config.executable_horizon)
         with self._lock:
             self.active_path = loaded.path
             self.swap_status = "ok"
@@ -380,7 +380,7 @@ class PolicyNode(Node):
                 elif param.name == "warm_start_steps":
                     self.runner.policy.check_warm_start_steps(int(param.value))
                 elif param.name == "warm_start_keep_steps":
-                    check_keep_steps(int(param.value), cfg.T_o, cfg.T_p)
+                    check_keep_steps(int(param.value), cfg.executable_horizon)
         except (SwapError, ValueError) as err:
             self.get_logger().warning(f"parameter set refused: {err}")
             return SetParametersResult(successful=False, reason=str(err))

@@ -149,6 +149,12 @@ class PolicyConfig:
         return [c.name for c in self.cameras]
 
     @property
+    def executable_horizon(self) -> int:
+        """A plan's steps from its stamp on (action indices T_o - 1 .. T_p - 1): the most
+        that can be executed, replanned over, or kept by a warm start."""
+        return self.T_p - self.T_o + 1
+
+    @property
     def obs_feature_dim(self) -> int:
         """Per-step conditioning width: image features of every camera + state."""
         return len(self.cameras) * self.encoder.feature_dim + self.state_dim
@@ -172,8 +178,8 @@ class PolicyConfig:
 
         need(self.T_o >= 1, f"T_o must be >= 1, got {self.T_o}")
         need(self.T_p >= self.T_o, f"T_p ({self.T_p}) must be >= T_o ({self.T_o})")
-        need(1 <= self.T_a <= self.T_p - self.T_o + 1,
-             f"T_a must be in [1, T_p - T_o + 1] = [1, {self.T_p - self.T_o + 1}], got {self.T_a}")
+        need(1 <= self.T_a <= self.executable_horizon,
+             f"T_a must be in [1, T_p - T_o + 1] = [1, {self.executable_horizon}], got {self.T_a}")
         need(math.isfinite(self.dt) and self.dt > 0, f"dt must be a positive number, got {self.dt}")
         need(self.action_dim >= 1, "action_names must name at least one action dimension")
         need(len(set(self.action_names)) == self.action_dim, "action_names has duplicates")

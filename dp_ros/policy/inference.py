@@ -146,7 +146,7 @@ class Policy:
     @warm_start_keep_steps.setter
     def warm_start_keep_steps(self, value: int) -> None:
         from .warm_start import check_keep_steps
-        self._warm_start_keep_steps = check_keep_steps(value, self.config.T_o, self.config.T_p)
+        self._warm_start_keep_steps = check_keep_steps(value, self.config.executable_horizon)
 
     @property
     def max_warm_start_steps(self) -> int:

@@ -104,9 +104,9 @@ def validate_swap(candidate_path: str | os.PathLike, policy_dir: str | os.PathLi
         if problems:
             raise SwapError(f"{os.fspath(candidate_path)}: incompatible with the running policy: "
                             + "; ".join(problems))
-    if replan_every is not None and replan_every > cfg.T_p - cfg.T_o + 1:
+    if replan_every is not None and replan_every > cfg.executable_horizon:
         raise SwapError(f"{os.fspath(candidate_path)}: replan_every {replan_every} exceeds its "
-                        f"executable horizon T_p - T_o + 1 = {cfg.T_p - cfg.T_o + 1}")
+                        f"executable horizon T_p - T_o + 1 = {cfg.executable_horizon}")
     return cfg
 
 

@@ -108,16 +108,12 @@ def check_warm_start_steps(value: int, num_inference_steps: int) -> int:
     return value
 
 
-def max_keep_steps(T_o: int, T_p: int) -> int:
-    """A plan's steps from its stamp on: the most a warm start can keep."""
-    return T_p - T_o + 1
-
-
-def check_keep_steps(value: int, T_o: int, T_p: int) -> int:
-    """0 (nothing kept) or 1..max_keep_steps steps from the plan's stamp on."""
-    value, most = int(value), max_keep_steps(T_o, T_p)
-    if not 0 <= value <= most:
-        raise ValueError(f"warm_start_keep_steps must be 0 (keep nothing) or 1..{most} "
+def check_keep_steps(value: int, horizon: int) -> int:
+    """0 (nothing kept) or 1..`horizon` (the config's executable_horizon) steps from the
+    plan's stamp on."""
+    value = int(value)
+    if not 0 <= value <= horizon:
+        raise ValueError(f"warm_start_keep_steps must be 0 (keep nothing) or 1..{horizon} "
                          f"(the plan's steps from its stamp on), got {value}")
     return value
 
