@@ -74,7 +74,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return 2
         return run_ros(seconds=args.seconds, device=args.device,
                        realtime_priority=args.realtime_priority,
-                       backend=(args.backend or ["onnxruntime"])[0])
+                       backend=(args.backend or ["onnxruntime"])[0], with_floor=args.floor)
     print(f"dp-ros bench: unknown benchmark {args.what!r}", file=sys.stderr)
     return 2
 
@@ -302,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ros: run the executor under SCHED_FIFO priority N and the "
                         "aggregator, the policy node and the sensor source 10 below (their "
                         "realtime_priority parameter; needs CAP_SYS_NICE or rtprio)")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="ros: do not run the no-work floor beside the pipeline (three light "
+                        "processes that pass a stamp along the same hops, and a bare timer, "
+                        "to show what rclpy and DDS alone cost on this machine)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("import", help="convert a LeRobot or diffusion_policy checkpoint into a "

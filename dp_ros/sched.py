@@ -14,7 +14,8 @@ starve the whole machine.
 Messages reach a node through its process's DDS threads, which the middleware starts at
 normal priority: ``raise_threads`` puts them under SCHED_FIFO too. A normal-priority
 worker that must hand a result on at once (the policy node publishing a plan) does so in a
-``realtime_section``.
+``realtime_section``; one that must start at once when handed a job is raised by the
+thread that hands it over (``raise_thread``) and drops back before the heavy work.
 
 The garbage collector pauses every thread of a process, real-time or not: ``freeze_heap``
 keeps it from rescanning what start-up built.
@@ -61,12 +62,23 @@ def raise_threads(prefix: str, priority: int) -> list[str]:
         try:
             with open(f"{tasks}/{tid}/comm") as f:
                 name = f.read().strip()
-            if name.startswith(prefix):
-                os.sched_setscheduler(int(tid), os.SCHED_FIFO, os.sched_param(priority))
-                raised.append(name)
-        except OSError:  # the thread ended, or no permission
+        except OSError:  # the thread ended
             continue
+        if name.startswith(prefix) and raise_thread(int(tid), priority):
+            raised.append(name)
     return raised
+
+
+def raise_thread(tid: int, priority: int) -> bool:
+    """Put thread `tid` (a native id) under SCHED_FIFO at `priority`; False when it ended or
+    it is not permitted."""
+    if not hasattr(os, "sched_setscheduler"):
+        return False
+    try:
+        os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(priority))
+    except OSError:
+        return False
+    return True
 
 
 def ensure_normal_priority() -> None:

@@ -3,7 +3,9 @@ checkpoints written from it. Builds in well under a second, plans in millisecond
 
 from __future__ import annotations
 
+import os
 import pathlib
+import threading
 from typing import Optional
 
 import numpy as np
@@ -72,3 +74,19 @@ def write_config_only(directory: pathlib.Path, cfg: PolicyConfig) -> pathlib.Pat
     (d / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
     (d / WEIGHTS_FILE).write_bytes(b"placeholder: not loadable")
     return d
+
+
+class StubPolicy:
+    """Stands in for a Policy in PlanRunner tests: each plan takes `seconds` and records the
+    scheduling policy of the thread that planned (`seen`)."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.config = small_config()
+        self.policy_id = "stub"
+        self.seconds = seconds
+        self.seen = []
+
+    def predict(self, window, noise=None, generator=None):
+        self.seen.append(os.sched_getscheduler(0))
+        threading.Event().wait(self.seconds)
+        return np.zeros((self.config.T_p, self.config.action_dim), np.float32)

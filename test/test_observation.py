@@ -184,6 +184,60 @@ def test_latest_at_or_before_matches_brute_force(stamps_ms, t_ms):
     assert (got is None) if not older else (got.value == max(older))
 
 
+def test_settled_once_a_sample_at_or_after_the_tick_is_in():
+    buf = StreamBuffer("cam", staleness=1.0)
+    assert not buf.settled(0.1)  # empty
+    for stamp in (0.0, 0.04, 0.05):  # too few samples to know a period
+        buf.push(stamp, None)
+    assert not buf.settled(0.1)
+    buf.push(0.1, None)
+    assert buf.settled(0.1) and buf.settled(0.05) and not buf.settled(0.11)
+
+
+def test_a_regular_stream_is_settled_within_half_a_period_before_the_tick():
+    buf = StreamBuffer("js", staleness=1.0)
+    for i in range(20):  # 500 Hz, the last sample at 0.038 s
+        buf.push(i * 0.002, None)
+    assert buf.period() == pytest.approx(0.002)
+    assert buf.settled(0.0385)     # the next sample is due at 0.040, after the tick
+    assert buf.settled(0.03899)
+    assert not buf.settled(0.0392)  # within half a period of the next: it may come first
+    buf.push(0.0401, None)  # a late, jittered sample
+    assert buf.settled(0.04)
+
+
+def test_an_irregular_stream_has_no_period_and_waits_for_a_sample_after_the_tick():
+    buf = StreamBuffer("cam", staleness=1.0)
+    for _ in range(20):  # re-sent stamps: intervals of zero
+        buf.push(1.0, None)
+    buf2 = StreamBuffer("cam", staleness=1.0)
+    for i in range(5):
+        buf2.push(i * 0.01, None)
+    assert buf.period() is None and buf2.period() is None  # too few intervals in buf2
+    assert not buf2.settled(0.0401)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0.001, 0.05), st.floats(0.0, 0.24), st.integers(0, 2**31 - 1),
+       st.floats(0.0, 1.0))
+def test_settled_early_picks_the_sample_a_late_build_would_pick(period, jitter, seed, phase):
+    """Stamps a period apart, each off by under a quarter period (so every interval is
+    within half a period of the period): whenever the stream says it is settled for t, the
+    sample at or before t is the one it holds once all have come."""
+    rng = np.random.default_rng(seed)
+    stamps = np.arange(60) * period + rng.uniform(-jitter, jitter, 60) * period
+    stamps = np.maximum.accumulate(stamps)  # stamp order, as one publisher gives
+    full = StreamBuffer("s", staleness=10.0, horizon=100.0)
+    for s in stamps:
+        full.push(s, s)
+    live = StreamBuffer("s", staleness=10.0, horizon=100.0)
+    for s in stamps[:-1]:
+        live.push(s, s)
+        t = s + phase * period  # a tick between this sample and about the next
+        if live.settled(t):
+            assert live.latest_at_or_before(t).value == full.latest_at_or_before(t).value
+
+
 # ----------------------------------------------------------------------------- ticks
 
 SPEC = ObservationSpec(("front", "wrist"), ("j1", "j2"), 8, 8,

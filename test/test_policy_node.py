@@ -20,7 +20,8 @@ from dp_ros.policy.runner import LatencyStats, LatestSlot, PlanJob, PlanRunner
 from dp_ros.policy.seeding import seeded_predict
 from dp_ros.policy.swap import PolicyLoader
 
-from helpers_policy import make_checkpoint, random_obs, small_config, write_config_only
+from helpers_policy import (StubPolicy, make_checkpoint, random_obs, small_config,
+                            write_config_only)
 
 SEED = 5
 DT_NS = 100_000_000  # small_config's dt = 0.1 s
@@ -112,6 +113,24 @@ def test_runner_plans_swaps_between_plans_and_survives_failures(ckpts, offline):
     finally:
         assert runner.stop()
         loader.shutdown()
+
+
+def test_queue_wait_is_the_wait_for_the_previous_plan_not_the_worker_waking():
+    outcomes = []
+    runner = PlanRunner(StubPolicy(0.3), on_outcome=outcomes.append)
+    runner.start()
+    try:
+        runner.submit(PlanJob({}, 1))
+        wait_for(lambda: runner.busy, what="first plan running")
+        runner.submit(PlanJob({}, 2))  # waits for the rest of plan 1
+        wait_for(lambda: len(outcomes) == 2, what="two plans")
+        runner.submit(PlanJob({}, 3))  # the worker is idle: nothing to wait for
+        wait_for(lambda: len(outcomes) == 3, what="third plan")
+    finally:
+        assert runner.stop()
+    assert [o.job.plan_stamp_ns for o in outcomes] == [1, 2, 3]
+    assert 0.1 < outcomes[1].queue_wait < 0.3 + 0.2
+    assert outcomes[2].queue_wait == 0.0  # however long the thread took to wake
 
 
 # ------------------------------------------------------------------ the node over DDS

@@ -7,13 +7,13 @@ import os
 import threading
 import weakref
 
-import numpy as np
 import pytest
+from helpers_policy import StubPolicy
 
 from dp_ros.policy.runner import PlanJob, PlanRunner
 from dp_ros.policy.swap import PolicyLoader
 from dp_ros.sched import (ensure_normal_priority, freeze_heap, normal_priority_section,
-                          raise_threads, realtime_section, request_realtime)
+                          raise_thread, raise_threads, realtime_section, request_realtime)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="Linux only")
 
@@ -138,22 +138,8 @@ def test_raise_threads_puts_the_named_threads_of_this_process_under_fifo():
             t.join(10)
 
 
-class _PolicyStub:
-    """Stands in for a Policy: records the scheduling policy of the thread that plans."""
-
-    def __init__(self):
-        from helpers_policy import small_config
-        self.config = small_config()
-        self.policy_id = "stub"
-        self.seen = []
-
-    def predict(self, window, noise=None, generator=None):
-        self.seen.append(os.sched_getscheduler(0))
-        return np.zeros((self.config.T_p, self.config.action_dim), np.float32)
-
-
 def test_worker_and_loader_threads_started_from_a_realtime_thread_run_normally():
-    stub = _PolicyStub()
+    stub = StubPolicy()
     outcomes, loads = [], []
     loader_policy = []
 
@@ -180,6 +166,35 @@ def test_worker_and_loader_threads_started_from_a_realtime_thread_run_normally()
     assert outcomes and outcomes[0].ok and outcomes[0].queue_wait >= 0.0
     assert loader_policy == [os.SCHED_OTHER]
     assert loads[0] is not None and loads[0].policy is None
+
+
+def test_an_idle_worker_is_raised_to_wake_and_plans_at_normal_priority(monkeypatch):
+    import dp_ros.policy.runner as runner_module
+    in_thread(lambda: realtime_or_skip(5))  # permitted here? (the probe thread ends)
+    raised = []
+    monkeypatch.setattr(runner_module, "raise_thread",
+                        lambda tid, priority: raised.append((tid, priority,
+                                                             raise_thread(tid, priority))))
+    stub = StubPolicy(seconds=0.3)
+    outcomes = []
+    runner = PlanRunner(stub, outcomes.append, wake_priority=5)
+    runner.start()
+    try:
+        runner.submit(PlanJob({}, 1))  # idle: raised to wake
+        for _ in range(100):
+            if runner.busy:
+                break
+            threading.Event().wait(0.01)
+        runner.submit(PlanJob({}, 2))  # planning: never raised
+        for _ in range(200):
+            if len(outcomes) == 2:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        runner.stop()
+    assert [o.job.plan_stamp_ns for o in outcomes] == [1, 2]
+    assert raised == [(runner._thread.native_id, 5, True)]
+    assert stub.seen == [os.SCHED_OTHER, os.SCHED_OTHER]  # planned at normal priority
 
 
 @pytest.mark.ros

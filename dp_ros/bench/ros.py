@@ -46,13 +46,15 @@ from typing import Optional
 import numpy as np
 
 from dp_ros import bringup
+from dp_ros.bench import floor
 from dp_ros.bench.cpu_time import read_cpu_times
 
 CAMERAS = ("cam0", "cam1")
 JOINTS = ("shoulder_pan_joint", "shoulder_lift_joint", "elbow_joint", "wrist_1_joint",
           "wrist_2_joint", "wrist_3_joint")
 RAW_H, RAW_W = 240, 320
-CAMERA_PERIOD_NS = 100_000_000 / 3  # 30 Hz, phase-locked to the 10 Hz ticks
+TICK_NS = 100_000_000               # observations at 10 Hz
+CAMERA_PERIOD_NS = TICK_NS / 3      # 30 Hz, phase-locked to the ticks
 JOINT_STATE_PERIOD = 0.002          # 500 Hz
 CONTROL_PERIOD_NS = 10_000_000      # executor at 100 Hz
 COMMAND_TOPIC = "/bench/commands"
@@ -109,7 +111,7 @@ def bench_parameters(policy_path: Path, device: str, realtime_priority: int = 0,
             "camera_topics": [f"/bench/{c}/image_raw" for c in CAMERAS],
             "compressed": [False] * len(CAMERAS), "camera_height": 96, "camera_width": 96,
             "joint_states_topic": "/bench/joint_states", "state_joint_names": list(JOINTS),
-            "rate_hz": 10.0, "T_o": 2, "camera_staleness": 0.1, "state_staleness": 0.02,
+            "rate_hz": 1e9 / TICK_NS, "T_o": 2, "camera_staleness": 0.1, "state_staleness": 0.02,
             "tick_delay": 0.01,  # built as soon as the frame stamped on the tick is in
             "realtime_priority": pipeline_priority(realtime_priority)}},
         "policy_node": {"ros__parameters": {
@@ -174,12 +176,12 @@ def run_source(log_path: str, height: int = RAW_H, width: int = RAW_W,
         js_pub.publish(js)
 
     def slot_stamp(slot: int) -> int:
-        return slot * 100_000_000 // 3  # exact on every third slot = a tick
+        return slot * TICK_NS // 3  # exact on every third slot = a tick
 
     def frame_slot(now_ns: int) -> int:
         """The newest slot whose stamp is at or before `now_ns` (integers: a timer that
         fires exactly at a stamp publishes that frame)."""
-        return (3 * now_ns + 2) // 100_000_000
+        return (3 * now_ns + 2) // TICK_NS
 
     last_slot = [frame_slot(clock.now().nanoseconds)]
 
@@ -223,12 +225,15 @@ class Recorder:
     windows: dict[int, int] = field(default_factory=dict)            # newest tick -> pub ns
     diagnostics: list[tuple[int, float, float]] = field(default_factory=list)  # (n, L, age)
     executor_status: dict[str, str] = field(default_factory=dict)
+    floor_plans: list[tuple[int, int]] = field(default_factory=list)  # (tick stamp, pub) ns
+    floor_windows: dict[int, int] = field(default_factory=dict)       # tick stamp -> pub ns
+    floor_commands: list[int] = field(default_factory=list)           # pub ns
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def attach(self, node) -> None:
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.qos import QoSProfile, ReliabilityPolicy
-        from std_msgs.msg import Float64MultiArray
+        from std_msgs.msg import Float64MultiArray, Header
         from trajectory_msgs.msg import JointTrajectory
 
         from dp_ros.nodes.window_msgs import WINDOW_QOS, window_state_topic
@@ -238,10 +243,17 @@ class Recorder:
         node.create_subscription(JointTrajectory, window_state_topic("/obs_aggregator"),
                                  self._on_window, WINDOW_QOS)
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 100)
+        node.create_subscription(Header, floor.ECHO_TOPIC, self._on_floor_plan, reliable)
+        node.create_subscription(Header, floor.RELAY_TOPIC, self._on_floor_window, WINDOW_QOS)
+        node.create_subscription(Header, floor.TIMER_TOPIC, self._on_floor_command, reliable)
 
     @staticmethod
     def _stamp(msg) -> int:
-        return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        return Recorder._ns(msg.header.stamp)
+
+    @staticmethod
+    def _ns(stamp) -> int:  # builtin_interfaces/Time -> ns (no rclpy import at module level)
+        return stamp.sec * 1_000_000_000 + stamp.nanosec
 
     def _on_plan(self, msg, info) -> None:
         with self.lock:
@@ -252,8 +264,20 @@ class Recorder:
         with self.lock:
             self.commands.append((info["source_timestamp"], info["received_timestamp"]))
 
+    def _on_floor_plan(self, msg, info) -> None:
+        with self.lock:
+            self.floor_plans.append((self._ns(msg.stamp), info["source_timestamp"]))
+
+    def _on_floor_window(self, msg, info) -> None:
+        with self.lock:
+            self.floor_windows[self._ns(msg.stamp)] = info["source_timestamp"]
+
+    def _on_floor_command(self, msg, info) -> None:
+        with self.lock:
+            self.floor_commands.append(info["source_timestamp"])
+
     def _on_window(self, msg, info) -> None:
-        newest = self._stamp(msg) + (len(msg.points) - 1) * 100_000_000
+        newest = self._stamp(msg) + (len(msg.points) - 1) * TICK_NS
         with self.lock:
             self.windows[newest] = info["source_timestamp"]
 
@@ -310,6 +334,9 @@ class BenchResult:
     missed_periods: int
     plans: int
     seconds: float
+    floor_overhead_ms: np.ndarray  # the no-work floor (dp_ros.bench.floor): tick -> echoed
+    floor_relay_ms: np.ndarray     # the no-work floor: tick -> relayed (the aggregator's part)
+    floor_jitter_ms: np.ndarray    # the no-work floor: a bare timer's period jitter
 
 
 def analyse(rec: Recorder, frames: dict[str, list[list[int]]], t_start: int, t_end: int
@@ -319,6 +346,9 @@ def analyse(rec: Recorder, frames: dict[str, list[list[int]]], t_start: int, t_e
         commands = list(rec.commands)
         windows = dict(rec.windows)
         diag = list(rec.diagnostics)
+        floor_plans = list(rec.floor_plans)
+        floor_windows = dict(rec.floor_windows)
+        floor_commands = list(rec.floor_commands)
     per_plan = inference_per_plan(diag)
     # plan n of the diagnostics is the n-th plan published; if the recorder matched the
     # policy node only after its first plan(s) (a slow start can take several), find that
@@ -357,20 +387,28 @@ def analyse(rec: Recorder, frames: dict[str, list[list[int]]], t_start: int, t_e
             agg.append((window_pub - stamp) * 1e-6)
             cam_pub.append((published - stamp) * 1e-6)
             pol.append((pub - window_pub) * 1e-6 - busy)
-    pubs = np.array(sorted(p for p, _ in commands if t_start <= p <= t_end), dtype=np.int64)
-    recvs = np.array(sorted(r for p, r in commands if t_start <= p <= t_end), dtype=np.int64)
-    periods = np.diff(pubs)
-    jitter = np.abs(periods - CONTROL_PERIOD_NS) * 1e-6
-    jitter_recv = np.abs(np.diff(recvs) - CONTROL_PERIOD_NS) * 1e-6
-    return BenchResult(np.array(overhead), np.array(cam_tick), np.array(agg), np.array(cam_pub),
-                       np.array(pol), np.array(inf), np.array(wait), jitter, jitter_recv, len(pubs),
-                       int(np.sum(periods > 1.5 * CONTROL_PERIOD_NS)),
-                       sum(1 for _, p, _ in plans if t_start <= p <= t_end),
-                       (t_end - t_start) * 1e-9)
+    def periods(times) -> np.ndarray:  # between consecutive events in the window, ns
+        return np.diff(np.array(sorted(t for t in times if t_start <= t <= t_end), np.int64))
+
+    def jitter(times) -> np.ndarray:
+        return np.abs(periods(times) - CONTROL_PERIOD_NS) * 1e-6
+
+    command_periods = periods(p for p, _ in commands)
+    inside = [(p, r) for p, r in commands if t_start <= p <= t_end]
+    return BenchResult(
+        np.array(overhead), np.array(cam_tick), np.array(agg), np.array(cam_pub),
+        np.array(pol), np.array(inf), np.array(wait), jitter(p for p, _ in commands),
+        jitter(r for _, r in inside), len(inside),
+        int(np.sum(command_periods > 1.5 * CONTROL_PERIOD_NS)),
+        sum(1 for _, p, _ in plans if t_start <= p <= t_end), (t_end - t_start) * 1e-9,
+        np.array([(p - stamp) * 1e-6 for stamp, p in floor_plans if t_start <= p <= t_end]),
+        np.array([(floor_windows[stamp] - stamp) * 1e-6 for stamp, p in floor_plans
+                  if t_start <= p <= t_end and stamp in floor_windows]),
+        jitter(floor_commands))
 
 
 def report(r: BenchResult, load: Optional[tuple[float, float]] = None,
-           cpu: Optional[tuple[float, float]] = None) -> str:
+           cpu: Optional[tuple[float, float]] = None, floor_ran: bool = True) -> str:
     def row(label, values, target=None):
         p50, p99 = percentiles(values)
         tail = f"   target p99 <= {target:g} ms" if target is not None else ""
@@ -379,6 +417,8 @@ def report(r: BenchResult, load: Optional[tuple[float, float]] = None,
         f"measured {r.seconds:.1f} s: {r.plans} plans, {r.commands} commands",
         f"  {'':<46}{'p50 ms':>8}{'p99 ms':>9}",
         row("pipeline overhead excl. inference", r.overhead_ms, TARGET_OVERHEAD_P99_MS),
+        floor_ran and row("  no-work floor: same hops, nothing done", r.floor_overhead_ms),
+        floor_ran and row("    of which tick -> relayed (the aggregator's hop)", r.floor_relay_ms),
         row("  camera stamp -> tick (frame age at the tick)", r.camera_to_tick_ms),
         row("  tick -> window published (aggregator)", r.aggregator_ms),
         row("    of which the camera: tick -> frames published", r.camera_publish_ms),
@@ -387,8 +427,10 @@ def report(r: BenchResult, load: Optional[tuple[float, float]] = None,
         row("wait for the worker (previous plan running)", r.queue_wait_ms),
         row("command period jitter |T - 10 ms| (publish)", r.jitter_ms, TARGET_JITTER_P99_MS),
         row("  same, from receive times in this process", r.jitter_recv_ms),
+        floor_ran and row("  no-work floor: a bare timer, same priority", r.floor_jitter_ms),
         f"  command periods > 15 ms: {r.missed_periods} of {max(r.commands - 1, 0)}",
     ]
+    lines = [line for line in lines if line]
     if load is not None:
         lines.append(f"  load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
                      f"on {os.cpu_count()} CPUs (other work on the machine skews the figures)")
@@ -416,14 +458,16 @@ class Pipeline:
     """The driver shared by `dp-ros bench ros` and `dp-ros soak`: a sensor source and the
     dp_ros nodes each in their own process (the machinery of `dp-ros up`), on a ROS domain
     of their own (localhost only), plus a node in this process, spun on a thread, that
-    `attach` callbacks subscribe with. Children's output goes to <tmp>/logs/<name>.log;
+    `attach` callbacks subscribe with. `helpers`: more processes (name -> `python -m`
+    command line) started with the source. Children's output goes to <tmp>/logs/<name>.log;
     on failure the last lines are printed. Use as a context manager."""
 
     def __init__(self, tmp_path: Path, params: dict, source_cmd: list[str],
                  attach, domain_id: Optional[int] = None,
                  nodes: tuple[str, ...] = ("obs_aggregator", "policy_node",
                                            "trajectory_executor"),
-                 node_name: str = "bench_recorder"):
+                 node_name: str = "bench_recorder",
+                 helpers: Optional[dict[str, list[str]]] = None):
         import yaml
         self.domain = domain_id if domain_id is not None else 150 + os.getpid() % 80
         os.environ["ROS_DOMAIN_ID"] = str(self.domain)
@@ -434,8 +478,8 @@ class Pipeline:
         self.params.write_text(yaml.dump(params, Dumper=dumper, sort_keys=False))
         self.logs = Path(tmp_path) / "logs"
         self.logs.mkdir(exist_ok=True)
-        source = bringup.NodeSpec("source", "", "dp_ros.bench.ros", "")
-        children = [bringup.Child(source, source_cmd)]
+        children = [bringup.Child(bringup.NodeSpec(name, "", cmd[2], ""), cmd)
+                    for name, cmd in {"source": source_cmd, **(helpers or {})}.items()]
         for spec in (bringup.node_spec(n) for n in nodes):
             children.append(bringup.Child(spec, bringup.process_command(spec, self.params)))
         self.group = bringup.ProcessGroup(children, env=bringup.child_env(), log_dir=self.logs)
@@ -490,7 +534,7 @@ class Pipeline:
 
 def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
         domain_id: Optional[int] = None, realtime_priority: int = 0,
-        backend: str = "onnxruntime") -> int:
+        backend: str = "onnxruntime", with_floor: bool = True) -> int:
     with tempfile.TemporaryDirectory(prefix="dp_ros_bench_") as tmp:
         tmp_path = Path(tmp)
         rt = "normal scheduling"
@@ -507,7 +551,12 @@ def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
             params = bench_parameters(policy, device, realtime_priority, backend)
             source = source_command(frame_log,
                                     realtime_priority=pipeline_priority(realtime_priority))
-            with Pipeline(tmp_path, params, source, rec.attach, domain_id) as pipe:
+            helpers = None if not with_floor else floor.commands(
+                params["obs_aggregator"]["ros__parameters"]["camera_topics"],
+                params["obs_aggregator"]["ros__parameters"]["joint_states_topic"], TICK_NS,
+                CONTROL_PERIOD_NS, pipeline_priority(realtime_priority), realtime_priority)
+            with Pipeline(tmp_path, params, source, rec.attach, domain_id,
+                          helpers=helpers) as pipe:
                 print(f"ROS domain {pipe.domain} (localhost only); waiting for the first "
                       "plans ...", flush=True)
                 pipe.wait(lambda: len(rec.plans) >= 5, 180.0, "plans")
@@ -528,7 +577,7 @@ def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
             return 1
         result = analyse(rec, frames, t_start, t_end)
         cpu = cpu_end.share_since(cpu_start) if cpu_start and cpu_end else None
-        print(report(result, (load_before, os.getloadavg()[0]), cpu))
+        print(report(result, (load_before, os.getloadavg()[0]), cpu, with_floor))
         status = rec.executor_status
         if status:
             print(f"  executor: {status.get('status')}, plans accepted "

@@ -227,11 +227,10 @@ class ObservationStreams:
         return build_observation(self.buffers, tick_time, self.spec)
 
     def settled(self, tick_time: float) -> bool:
-        """Every stream holds a sample stamped at or after ``tick_time``. Each stream arrives
-        in stamp order (one publisher per topic), so nothing stamped at or before the tick
-        can still come: the observation at the tick is final and may be built now."""
-        return all(b.newest_stamp is not None and b.newest_stamp >= tick_time
-                   for b in self.buffers.values())
+        """Every stream is settled for the tick (StreamBuffer.settled): nothing stamped at
+        or before it can still come, so the observation at the tick is final and may be
+        built now."""
+        return all(b.settled(tick_time) for b in self.buffers.values())
 
     def clear(self) -> None:
         for buffer in self.buffers.values():

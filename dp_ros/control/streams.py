@@ -12,6 +12,9 @@ from typing import Any, Generic, Optional, TypeVar
 
 T = TypeVar("T")
 
+PERIOD_INTERVALS = 8  # the period is the median of this many recent sample intervals
+SETTLE_FRACTION = 0.5  # a sample due this fraction of a period after the newest cannot be earlier
+
 
 class SampleRejected(ValueError):
     """A sample (message) that cannot be used. ``cause`` is a short stable key used to
@@ -60,6 +63,32 @@ class StreamBuffer(Generic[T]):
     @property
     def newest_stamp(self) -> Optional[float]:
         return self._samples[-1].stamp if self._samples else None
+
+    def period(self) -> Optional[float]:
+        """The stream's sample period: the median of its last PERIOD_INTERVALS intervals;
+        None until it has that many, or if the stream is not regular (a zero median)."""
+        if len(self._samples) <= PERIOD_INTERVALS:
+            return None
+        stamps = [self._samples[-1 - i].stamp for i in range(PERIOD_INTERVALS + 1)]
+        intervals = sorted(a - b for a, b in zip(stamps, stamps[1:]))
+        median = 0.5 * (intervals[(PERIOD_INTERVALS - 1) // 2] + intervals[PERIOD_INTERVALS // 2])
+        return median if median > 0.0 else None
+
+    def settled(self, t: float) -> bool:
+        """No sample stamped at or before ``t`` can still arrive, so the one to use at t is
+        final. Samples arrive in stamp order (one publisher per topic): true once one stamped
+        at or after t is in, or once the newest is so close before t that the next, a period
+        later give or take SETTLE_FRACTION of one (the jitter of the intervals this rule
+        tolerates), must be stamped after t. The second rule
+        saves waiting most of a period for a sample that will not be used (2 ms of 500 Hz
+        joint states, up to 33 ms of a free-running 30 Hz camera)."""
+        newest = self.newest_stamp
+        if newest is None:
+            return False
+        if newest >= t:
+            return True
+        period = self.period()
+        return period is not None and newest + (1.0 - SETTLE_FRACTION) * period > t
 
     def check_order(self, stamp: float) -> None:
         """Raise StampOrderError if ``stamp`` would go backwards in this stream. Callers

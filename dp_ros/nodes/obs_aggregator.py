@@ -86,8 +86,9 @@ PARAMETERS = {
     "tick_delay": (DEFAULTS["tick_delay"], ParameterDescriptor(
         description="Wait up to tick_delay (s) after tick t for samples stamped at or "
                     "before t that are still in flight: the tick is built as soon as every "
-                    "stream has a sample stamped at or after t, at t + tick_delay at the "
-                    "latest",
+                    "stream is settled (it has a sample stamped at or after t, or its newest "
+                    "is less than half its period before t, so the next one will be after "
+                    "t), at t + tick_delay at the latest",
         floating_point_range=float_range(0.0, 1.0), read_only=True)),
     "diagnostics_period": (DEFAULTS["diagnostics_period"], ParameterDescriptor(
         description="Period of /diagnostics messages (s, steady clock)",
@@ -227,9 +228,14 @@ class ObsAggregator(Node):
             self._arm_next_tick(now_ns)
 
     def _arm_next_tick(self, now_ns: int) -> None:
-        """Fire exactly at the next grid tick (+ tick_delay) instead of polling, so a
-        window leaves within the executor's jitter of its tick, not up to a poll late."""
-        due_ns = self.grid.stamp_ns(self.grid.index_at_or_before(now_ns - self._delay_ns) + 1) + self._delay_ns
+        """Fire exactly at the next grid tick instead of polling, so a window leaves within
+        the executor's jitter of its tick, not up to a poll late; with tick_delay, also at
+        the deadline of a tick not built yet. At the tick itself every stream may already
+        be settled (StreamBuffer.settled), with no sample left to arrive and trigger it."""
+        k_now = self.grid.index_at_or_before(now_ns)
+        due_ns = self.grid.stamp_ns(k_now + 1)
+        if self._delay_ns > 0 and (self._last_k is None or self._last_k < k_now):
+            due_ns = min(due_ns, self.grid.stamp_ns(k_now) + self._delay_ns)
         self._timer.timer_period_ns = max(due_ns - now_ns, MIN_REARM_NS)
         self._timer.reset()
 

@@ -218,6 +218,7 @@ class PolicyNode(Node):
         self.runner.start()
         # last: the threads started above (inference, loading) stay at normal priority
         self.realtime_priority = apply_realtime_priority(self, p["realtime_priority"])
+        self.runner.wake_priority = self.realtime_priority  # a window's plan starts at once
         self.get_logger().info(
             f"policy {policy.policy_id!r} from {self.active_path} on {policy.device}: "
             f"cameras {cfg.camera_names}, T_o={cfg.T_o} T_p={cfg.T_p} T_a={cfg.T_a} "

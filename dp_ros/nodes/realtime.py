@@ -15,7 +15,8 @@ REALTIME_PARAMETER = {"realtime_priority": (0, ParameterDescriptor(
                 "scheduling. Needs CAP_SYS_NICE or an rtprio limit; without it the node warns "
                 "and runs at normal priority. The process's DDS threads (which deliver "
                 "messages to it) run one priority below; threads the node starts for heavy "
-                "work (inference, loading) always run at normal priority.",
+                "work (inference, loading) run that work at normal priority (the policy "
+                "node's worker is raised only to wake for a window and to publish a plan).",
     integer_range=int_range(0, MAX_PRIORITY), read_only=True))}
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Generic, Optional, TypeVar
 
 import numpy as np
 
-from dp_ros.sched import ensure_normal_priority
+from dp_ros.sched import ensure_normal_priority, raise_thread
 
 from .config import PolicyConfig
 from .inference import Policy
@@ -74,7 +74,8 @@ class PlanJob:
 class PlanOutcome:
     """One finished job. `actions` (T_p, A) float32 when it succeeded, else `error` =
     (cause, detail); `latency` is the inference time in seconds (perf_counter), `queue_wait`
-    the time the job waited for the worker (busy with the previous plan) before it;
+    the time the job waited for the worker to finish the previous plan (not the time the
+    thread takes to wake up, which is overhead, not inference);
     `cold_reason` why the plan did not warm-start from the previous one (None: it did)."""
 
     job: PlanJob
@@ -99,21 +100,29 @@ class PlanRunner:
     (installed if it succeeded). They run on the worker; an exception they raise is
     counted (``callback_errors``) and the worker goes on.
     `seed` >= 0 makes each plan's noise a function of (seed, plan stamp), see seeding.py.
+    `wake_priority` > 0: a job handed to the idle worker raises it to SCHED_FIFO at that
+    priority, so it starts at once instead of queuing for a CPU behind normal-priority work
+    (measured: 0.5 ms median, 12-42 ms p99 on 2 busy cores); it drops back to normal
+    priority before it plans.
     """
 
     def __init__(self, policy: Policy, on_outcome: Callable[[PlanOutcome], None],
                  loader: Optional[PolicyLoader] = None, seed: int = -1,
                  on_start: Optional[Callable[[PlanJob], None]] = None,
-                 on_swap: Optional[Callable[[LoadOutcome], None]] = None):
+                 on_swap: Optional[Callable[[LoadOutcome], None]] = None,
+                 wake_priority: int = 0):
         self._policy = policy
         self._on_outcome = on_outcome
         self._on_start = on_start
         self._on_swap = on_swap
         self.loader = loader
         self.seed = seed
+        self.wake_priority = wake_priority
         self._slot: LatestSlot[PlanJob] = LatestSlot()
         self._stop = threading.Event()
         self._busy = threading.Event()
+        self._wake_lock = threading.Lock()  # submit()'s raise vs the worker becoming busy
+        self._free_at = 0.0  # perf_counter when the worker last finished a job
         self._thread = threading.Thread(target=self._loop, name="policy_worker", daemon=True)
         self.callback_errors = 0  # exceptions raised by the callbacks (a bug, or shutdown)
         self.last_callback_error = ""
@@ -139,6 +148,10 @@ class PlanRunner:
 
     def submit(self, job: PlanJob) -> bool:
         """Hand a job to the worker; True when it replaced (dropped) a waiting one."""
+        if self.wake_priority > 0 and self._thread.native_id:
+            with self._wake_lock:  # a worker that is planning must never be raised
+                if not self._busy.is_set():
+                    raise_thread(self._thread.native_id, self.wake_priority)
         return self._slot.put(job) is not None
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -172,9 +185,15 @@ class PlanRunner:
         while not self._stop.is_set():
             self._install_loaded()
             job = self._slot.take(IDLE_POLL)
+            if job is not None:
+                with self._wake_lock:
+                    self._busy.set()
+            # raised by submit() to wake at once; from here on nothing raises it: plan at
+            # normal priority
+            ensure_normal_priority()
             if job is None or self._stop.is_set():
+                self._busy.clear()
                 continue
-            self._busy.set()
             try:
                 if self._on_start is not None:
                     self._on_start(job)
@@ -183,6 +202,7 @@ class PlanRunner:
                 self.callback_errors += 1
                 self.last_callback_error = f"{type(exc).__name__}: {exc}"
             finally:
+                self._free_at = time.perf_counter()
                 self._busy.clear()
 
     def _plan(self, job: PlanJob) -> PlanOutcome:
@@ -210,7 +230,7 @@ class PlanRunner:
         except Exception as exc:  # noqa: BLE001 - a failing policy never kills the node
             error = (f"predict_{type(exc).__name__}", str(exc) or repr(exc))
         return PlanOutcome(job, policy.policy_id, cfg, actions, error, time.perf_counter() - t0,
-                           queue_wait=max(0.0, t0 - job.submitted),
+                           queue_wait=max(0.0, min(t0, self._free_at) - job.submitted),
                            cold_reason=getattr(policy, "cold_reason", "warm start off"))
 
 
