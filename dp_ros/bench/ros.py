@@ -26,6 +26,10 @@ Figures
   policy node).
 - command period jitter: |period - 10 ms| between consecutive executor commands, from
   their source timestamps (and, for reference, from receive times here).
+- the no-work floor (dp_ros.bench.floor, unless --no-floor): the same two figures for
+  processes that only pass a stamp along the same hops at the same priorities, and for a
+  bare timer, measured at the same time. What rclpy and DDS alone cost on this machine now;
+  the pipeline cannot do better.
 Targets (2-core machine): overhead p99 <= 5 ms, jitter p99 <= 1 ms. Printed, not asserted.
 """
 
