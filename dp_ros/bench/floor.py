@@ -17,47 +17,15 @@ moment: a target below the floor cannot be met by any work done in these nodes.
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from typing import Optional
 
+from dp_ros.bench.process import spin_until_stopped, start_node
 from dp_ros.control.streams import StreamBuffer
 
 RELAY_TOPIC = "/bench/floor/window"
 ECHO_TOPIC = "/bench/floor/plan"
 TIMER_TOPIC = "/bench/floor/command"
-
-
-def _spin(node, stop: threading.Event) -> None:
-    import rclpy
-
-    from dp_ros.nodes.run import process_executor
-    executor = process_executor()
-    executor.add_node(node)
-    try:
-        while not stop.is_set():
-            executor.spin_once(timeout_sec=0.05)
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
-
-
-def _start(name: str, priority: int):
-    """rclpy up, a node, SIGINT/SIGTERM -> a stop event, the priority applied before the
-    executor exists (its threads inherit it)."""
-    import rclpy
-    from rclpy.signals import SignalHandlerOptions
-
-    from dp_ros.nodes.realtime import apply_realtime_priority
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
-    node = rclpy.create_node(name)
-    apply_realtime_priority(node, priority)
-    return node, stop
 
 
 class TickRelay:
@@ -91,7 +59,7 @@ def run_relay(camera_topics: list[str], joint_states_topic: str, tick_ns: int,
 
     from dp_ros.nodes.obs_aggregator import JOINT_STATES_QOS
     from dp_ros.nodes.window_msgs import WINDOW_QOS, ns_to_stamp, stamp_to_ns
-    node, stop = _start("floor_relay", priority)
+    node, stop = start_node("floor_relay", priority)
     pub = node.create_publisher(Header, RELAY_TOPIC, WINDOW_QOS)
     relay = TickRelay(len(camera_topics) + 1, tick_ns)
 
@@ -105,7 +73,7 @@ def run_relay(camera_topics: list[str], joint_states_topic: str, tick_ns: int,
                                  qos_profile_sensor_data)
     node.create_subscription(JointState, joint_states_topic,
                              lambda m: on_sample(len(camera_topics), m), JOINT_STATES_QOS)
-    _spin(node, stop)
+    spin_until_stopped(node, stop)
     return 0
 
 
@@ -114,10 +82,10 @@ def run_echo(priority: int) -> int:
 
     from dp_ros.nodes.trajectory_executor import PLAN_QOS  # the policy node's, without torch
     from dp_ros.nodes.window_msgs import WINDOW_QOS
-    node, stop = _start("floor_echo", priority)
+    node, stop = start_node("floor_echo", priority)
     pub = node.create_publisher(Header, ECHO_TOPIC, PLAN_QOS)
     node.create_subscription(Header, RELAY_TOPIC, pub.publish, WINDOW_QOS)
-    _spin(node, stop)
+    spin_until_stopped(node, stop)
     return 0
 
 
@@ -125,11 +93,11 @@ def run_timer(period_ns: int, priority: int) -> int:
     from std_msgs.msg import Header
 
     from dp_ros.nodes.trajectory_executor import COMMAND_QOS
-    node, stop = _start("floor_timer", priority)
+    node, stop = start_node("floor_timer", priority)
     pub = node.create_publisher(Header, TIMER_TOPIC, COMMAND_QOS)
     clock = node.get_clock()
     node.create_timer(period_ns * 1e-9, lambda: pub.publish(Header(stamp=clock.now().to_msg())))
-    _spin(node, stop)
+    spin_until_stopped(node, stop)
     return 0
 
 

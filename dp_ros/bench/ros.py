@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import tempfile
 import threading
@@ -142,21 +141,13 @@ def run_source(log_path: str, height: int = RAW_H, width: int = RAW_W,
     like a driver that publishes on exposure. With `realtime_priority` > 0 it spins under
     SCHED_FIFO, as hardware drivers do. Runs until SIGINT/SIGTERM, then writes
     {camera: [[stamp_ns, publish_ns], ...]}."""
-    import rclpy
     from rclpy.qos import qos_profile_sensor_data
-    from rclpy.signals import SignalHandlerOptions
     from sensor_msgs.msg import Image, JointState
 
-    from dp_ros.nodes.realtime import apply_realtime_priority
-    from dp_ros.nodes.run import process_executor
+    from dp_ros.bench.process import spin_until_stopped, start_node
     from dp_ros.nodes.window_msgs import ns_to_stamp
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
-    node = rclpy.create_node("bench_source")
-    apply_realtime_priority(node, realtime_priority)  # before the executor: its threads inherit
+    node, stop = start_node("bench_source", realtime_priority)
     cam_pubs = {c: node.create_publisher(Image, f"/bench/{c}/image_raw", qos_profile_sensor_data)
                 for c in cameras}
     js_pub = node.create_publisher(JointState, "/bench/joint_states", 10)
@@ -205,16 +196,10 @@ def run_source(log_path: str, height: int = RAW_H, width: int = RAW_W,
 
     node.create_timer(JOINT_STATE_PERIOD, joint_state)
     camera_timer = node.create_timer(CAMERA_PERIOD_NS * 1e-9, frames)
-    executor = process_executor()  # the cheapest to spin: a driver's CPU is not ours to spend
-    executor.add_node(node)
     try:
-        while not stop.is_set():
-            executor.spin_once(timeout_sec=0.05)
+        spin_until_stopped(node, stop)
     finally:
         Path(log_path).write_text(json.dumps(log))
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
     return 0
 
 

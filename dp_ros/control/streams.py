@@ -78,10 +78,10 @@ class StreamBuffer(Generic[T]):
         """No sample stamped at or before ``t`` can still arrive, so the one to use at t is
         final. Samples arrive in stamp order (one publisher per topic): true once one stamped
         at or after t is in, or once the newest is so close before t that the next, a period
-        later give or take SETTLE_FRACTION of one (the jitter of the intervals this rule
-        tolerates), must be stamped after t. The second rule
-        saves waiting most of a period for a sample that will not be used (2 ms of 500 Hz
-        joint states, up to 33 ms of a free-running 30 Hz camera)."""
+        later give or take SETTLE_FRACTION of one (the interval jitter this rule tolerates),
+        must be stamped after t. The second rule saves waiting most of a period for a sample
+        that will not be used (2 ms of 500 Hz joint states, up to 33 ms of a free-running
+        30 Hz camera)."""
         newest = self.newest_stamp
         if newest is None:
             return False

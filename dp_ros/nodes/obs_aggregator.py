@@ -232,10 +232,12 @@ class ObsAggregator(Node):
         the executor's jitter of its tick, not up to a poll late; with tick_delay, also at
         the deadline of a tick not built yet. At the tick itself every stream may already
         be settled (StreamBuffer.settled), with no sample left to arrive and trigger it."""
-        k_now = self.grid.index_at_or_before(now_ns)
-        due_ns = self.grid.stamp_ns(k_now + 1)
-        if self._delay_ns > 0 and (self._last_k is None or self._last_k < k_now):
-            due_ns = min(due_ns, self.grid.stamp_ns(k_now) + self._delay_ns)
+        due_ns = self.grid.stamp_ns(self.grid.index_at_or_before(now_ns) + 1)
+        if self._delay_ns > 0:  # the oldest tick not built yet whose deadline is ahead
+            pending = self.grid.index_at_or_before(now_ns - self._delay_ns) + 1
+            if self._last_k is not None:
+                pending = max(pending, self._last_k + 1)
+            due_ns = min(due_ns, self.grid.stamp_ns(pending) + self._delay_ns)
         self._timer.timer_period_ns = max(due_ns - now_ns, MIN_REARM_NS)
         self._timer.reset()
 
