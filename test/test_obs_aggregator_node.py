@@ -59,9 +59,10 @@ class Driver:
     """Clock + cameras + joint states, one step every 10 ms of wall time; faults are
     switched on by name. Also the test's subscriber for windows and diagnostics."""
 
-    def __init__(self, ctx, sim_time: bool):
+    def __init__(self, ctx, sim_time: bool, stamp_offset_ns: int = 0):
         self.node = rclpy.create_node("driver", context=ctx)
         self.sim_time = sim_time
+        self.stamp_offset_ns = stamp_offset_ns  # samples are stamped this long before now
         self.lock = threading.Lock()
         self.sim_ns = SIM_START_NS
         self.step_count = 0
@@ -105,9 +106,9 @@ class Driver:
                 now = self.node.get_clock().now().nanoseconds
             self.step_count += 1
             fault = self.fault
-            self._publish_joint_state(now, fault)
+            self._publish_joint_state(now - self.stamp_offset_ns, fault)
             if self.step_count % 3 == 0:
-                self._publish_cameras(now, fault)
+                self._publish_cameras(now - self.stamp_offset_ns, fault)
 
     def _publish_joint_state(self, now: int, fault: Optional[str]):
         s = (now - SIM_START_NS) * 1e-9 % 100.0
@@ -201,7 +202,7 @@ class Driver:
 
 
 class System:
-    def __init__(self, ctx, sim_time: bool = True, **params):
+    def __init__(self, ctx, sim_time: bool = True, stamp_offset_ns: int = 0, **params):
         overrides = dict(
             camera_names=CAMERAS,
             camera_topics=["/cam/front/image_raw", "/cam/wrist/image_raw/compressed"],
@@ -211,7 +212,7 @@ class System:
         overrides.update(params)
         self.agg = ObsAggregator(context=ctx, parameter_overrides=[
             Parameter(k, value=v) for k, v in overrides.items()])
-        self.driver = Driver(ctx, sim_time)
+        self.driver = Driver(ctx, sim_time, stamp_offset_ns)
         self.executors = []
         self.threads = []
         for node in (self.agg, self.driver.node):
@@ -302,6 +303,23 @@ def test_tick_is_built_as_soon_as_every_stream_is_settled(system_factory):
     assert on_tick, "no camera frame was stamped on a tick"
     for t0, w in on_tick:
         assert np.array_equal(w["images"]["front"][1], front[t0 + DT_NS])
+
+
+def test_a_tick_is_built_before_any_sample_after_it_when_every_stream_is_regular(
+        system_factory):
+    """Samples stamped 3 ms before each 10 ms step: the joint state 3 ms before a tick is
+    the last one at or before it (the next is due 7 ms after), so the aggregator need not
+    wait for it. Windows whose newest frames are that close too are built while the clock
+    still reads their tick, not a step later, and hold the same samples."""
+    system = system_factory(sim_time=True, tick_delay=0.5, stamp_offset_ns=3_000_000)
+    driver = system.driver
+    wait_for(lambda: len(driver.window_ticks()) >= 8, 30.0, "eight windows")
+    with driver.lock:
+        windows, arrived = list(driver.windows), list(driver.window_clock)
+    on_time = [t0 for (t0, _), clock_ns in zip(windows, arrived) if clock_ns == t0 + DT_NS]
+    assert on_time, "no window was built before a sample stamped after its tick came"
+    for t0, window in windows:
+        check_window_contents(driver, t0, window)
 
 
 FAULTS = [  # fault, stream, diagnostic key counted, staleness of the stream
