@@ -206,9 +206,9 @@ def test_a_regular_stream_is_settled_within_half_a_period_before_the_tick():
     assert buf.settled(0.04)
 
 
-def test_an_irregular_stream_has_no_period_and_waits_for_a_sample_after_the_tick():
+def test_too_few_samples_give_no_period_and_the_stream_waits_for_one_after_the_tick():
     buf = StreamBuffer("cam", staleness=1.0)
-    for _ in range(20):  # re-sent stamps: intervals of zero
+    for _ in range(20):  # a re-sent stamp replaces the sample: no intervals at all
         buf.push(1.0, None)
     buf2 = StreamBuffer("cam", staleness=1.0)
     for i in range(5):

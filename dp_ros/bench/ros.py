@@ -241,8 +241,9 @@ class Recorder:
         return Recorder._ns(msg.header.stamp)
 
     @staticmethod
-    def _ns(stamp) -> int:  # builtin_interfaces/Time -> ns (no rclpy import at module level)
-        return stamp.sec * 1_000_000_000 + stamp.nanosec
+    def _ns(stamp) -> int:
+        from dp_ros.nodes.window_msgs import stamp_to_ns  # ROS messages: imported on use
+        return stamp_to_ns(stamp)
 
     def _on_plan(self, msg, info) -> None:
         with self.lock:
@@ -376,24 +377,25 @@ def analyse(rec: Recorder, frames: dict[str, list[list[int]]], t_start: int, t_e
             agg.append((window_pub - stamp) * 1e-6)
             cam_pub.append((published - stamp) * 1e-6)
             pol.append((pub - window_pub) * 1e-6 - busy)
-    def periods(times) -> np.ndarray:  # between consecutive events in the window, ns
-        return np.diff(np.array(sorted(t for t in times if t_start <= t <= t_end), np.int64))
+    def periods(times) -> np.ndarray:  # between consecutive events, ns
+        return np.diff(np.sort(np.array(list(times), np.int64)))
 
-    def jitter(times) -> np.ndarray:
-        return np.abs(periods(times) - CONTROL_PERIOD_NS) * 1e-6
+    def jitter(periods_ns: np.ndarray) -> np.ndarray:
+        return np.abs(periods_ns - CONTROL_PERIOD_NS) * 1e-6
 
-    command_periods = periods(p for p, _ in commands)
     inside = [(p, r) for p, r in commands if t_start <= p <= t_end]
+    command_periods = periods(p for p, _ in inside)
+    floor_inside = [(stamp, p) for stamp, p in floor_plans if t_start <= p <= t_end]
     return BenchResult(
         np.array(overhead), np.array(cam_tick), np.array(agg), np.array(cam_pub),
-        np.array(pol), np.array(inf), np.array(wait), jitter(p for p, _ in commands),
-        jitter(r for _, r in inside), len(inside),
+        np.array(pol), np.array(inf), np.array(wait), jitter(command_periods),
+        jitter(periods(r for _, r in inside)), len(inside),
         int(np.sum(command_periods > 1.5 * CONTROL_PERIOD_NS)),
         sum(1 for _, p, _ in plans if t_start <= p <= t_end), (t_end - t_start) * 1e-9,
-        np.array([(p - stamp) * 1e-6 for stamp, p in floor_plans if t_start <= p <= t_end]),
-        np.array([(floor_windows[stamp] - stamp) * 1e-6 for stamp, p in floor_plans
-                  if t_start <= p <= t_end and stamp in floor_windows]),
-        jitter(floor_commands))
+        np.array([(p - stamp) * 1e-6 for stamp, p in floor_inside]),
+        np.array([(floor_windows[stamp] - stamp) * 1e-6 for stamp, _ in floor_inside
+                  if stamp in floor_windows]),
+        jitter(periods(t for t in floor_commands if t_start <= t <= t_end)))
 
 
 def report(r: BenchResult, load: Optional[tuple[float, float]] = None,
@@ -467,6 +469,7 @@ class Pipeline:
         self.params.write_text(yaml.dump(params, Dumper=dumper, sort_keys=False))
         self.logs = Path(tmp_path) / "logs"
         self.logs.mkdir(exist_ok=True)
+        # each command is [python, -m, module, ...]
         children = [bringup.Child(bringup.NodeSpec(name, "", cmd[2], ""), cmd)
                     for name, cmd in {"source": source_cmd, **(helpers or {})}.items()]
         for spec in (bringup.node_spec(n) for n in nodes):
@@ -540,9 +543,9 @@ def run(seconds: float = 30.0, device: str = "cpu", warmup: float = 5.0,
             params = bench_parameters(policy, device, realtime_priority, backend)
             source = source_command(frame_log,
                                     realtime_priority=pipeline_priority(realtime_priority))
+            aggregator = params["obs_aggregator"]["ros__parameters"]
             helpers = None if not with_floor else floor.commands(
-                params["obs_aggregator"]["ros__parameters"]["camera_topics"],
-                params["obs_aggregator"]["ros__parameters"]["joint_states_topic"], TICK_NS,
+                aggregator["camera_topics"], aggregator["joint_states_topic"], TICK_NS,
                 CONTROL_PERIOD_NS, pipeline_priority(realtime_priority), realtime_priority)
             with Pipeline(tmp_path, params, source, rec.attach, domain_id,
                           helpers=helpers) as pipe:

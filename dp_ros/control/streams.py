@@ -65,14 +65,13 @@ class StreamBuffer(Generic[T]):
         return self._samples[-1].stamp if self._samples else None
 
     def period(self) -> Optional[float]:
-        """The stream's sample period: the median of its last PERIOD_INTERVALS intervals;
-        None until it has that many, or if the stream is not regular (a zero median)."""
+        """The stream's sample period: the median of its last PERIOD_INTERVALS intervals
+        (all > 0: an equal stamp replaces the sample); None until it has that many."""
         if len(self._samples) <= PERIOD_INTERVALS:
             return None
         stamps = [self._samples[-1 - i].stamp for i in range(PERIOD_INTERVALS + 1)]
         intervals = sorted(a - b for a, b in zip(stamps, stamps[1:]))
-        median = 0.5 * (intervals[(PERIOD_INTERVALS - 1) // 2] + intervals[PERIOD_INTERVALS // 2])
-        return median if median > 0.0 else None
+        return 0.5 * (intervals[(PERIOD_INTERVALS - 1) // 2] + intervals[PERIOD_INTERVALS // 2])
 
     def settled(self, t: float) -> bool:
         """No sample stamped at or before ``t`` can still arrive, so the one to use at t is

@@ -185,13 +185,13 @@ class PlanRunner:
         while not self._stop.is_set():
             self._install_loaded()
             job = self._slot.take(IDLE_POLL)
-            if job is not None:
-                with self._wake_lock:
-                    self._busy.set()
-            # raised by submit() to wake at once; from here on nothing raises it: plan at
-            # normal priority
+            if job is None:
+                continue
+            with self._wake_lock:
+                self._busy.set()
+            # submit() may have raised it to wake at once; busy now, nothing raises it again
             ensure_normal_priority()
-            if job is None or self._stop.is_set():
+            if self._stop.is_set():
                 self._busy.clear()
                 continue
             try:
